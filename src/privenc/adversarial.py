@@ -1,0 +1,174 @@
+"""The two-player step of adversarial encoder training (Sec. 3 of the paper).
+
+Like the dcgan example: (1) update the classifiers on detached encodings, (2) update the
+encoder against the fixed classifiers. The two steps take different mini-batches (the caller
+passes them); each returns a dict of floats for logging.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from privenc import losses
+
+
+@dataclass
+class Players:
+    """The encoder and the classifiers it plays against.
+
+    ``private_classifiers`` holds one classifier per private task; ``desirable_classifier`` is
+    one (N+1)-way classifier for N desirable tasks, or None (utility then comes only from the
+    variance constraint built into the encoder's output normalization).
+    """
+
+    encoder: nn.Module
+    private_classifiers: nn.ModuleList
+    desirable_classifier: nn.Module | None = None
+
+    def classifiers(self) -> list[nn.Module]:
+        found = list(self.private_classifiers)
+        if self.desirable_classifier is not None:
+            found.append(self.desirable_classifier)
+        return found
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        return [p for c in self.classifiers() for p in c.parameters()]
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def classifier_step(
+    players: Players,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    private_labels: torch.Tensor,
+    desirable_labels: torch.Tensor | None,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
+    """(1) Classifiers minimize cross-entropy on the true labels of the current encodings.
+
+    ``private_labels`` is (B, P), one column per private task; ``desirable_labels`` is (B,) for
+    the (N+1)-way desirable classifier. The encoder is fixed here: encodings are computed
+    without gradient, so nothing flows back into it.
+    """
+    with torch.no_grad(), _autocast(images.device, amp):
+        encodings = players.encoder(images)
+    encodings = encodings.detach().float()
+    optimizer.zero_grad(set_to_none=True)
+    stats: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=images.device)
+    with _autocast(images.device, amp):
+        for k, classifier in enumerate(players.private_classifiers):
+            logits = classifier(encodings).float()
+            loss = losses.classifier_loss(logits, private_labels[:, k])
+            total = total + loss
+            stats[f"private{k}_loss"] = loss.detach()
+            stats[f"private{k}_train_acc"] = (logits.argmax(1) == private_labels[:, k]).float().mean()
+        if players.desirable_classifier is not None:
+            logits = players.desirable_classifier(encodings).float()
+            loss = losses.classifier_loss(logits, desirable_labels)
+            total = total + loss
+            stats["desirable_loss"] = loss.detach()
+            stats["desirable_train_acc"] = (logits.argmax(1) == desirable_labels).float().mean()
+    total.backward()
+    optimizer.step()
+    stats["classifier_loss"] = total.detach()
+    return stats
+
+
+def encoder_step(
+    players: Players,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    private_labels: torch.Tensor,
+    desirable_labels: torch.Tensor | None,
+    encoder_loss: str,
+    alpha: float,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
+    """(2) The encoder minimizes its private term (label flip by default) plus alpha times the
+    desirable classifier's cross-entropy (Sec. 3: min_E I_u(E) - alpha I_v(E)).
+
+    The classifiers are fixed: their parameters get no gradient (requires_grad is switched
+    off for the step) and only the encoder's optimizer steps.
+    """
+    classifier_params = players.classifier_parameters()
+    for p in classifier_params:
+        p.requires_grad_(False)
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, torch.Tensor] = {}
+        with _autocast(images.device, amp):
+            encodings = players.encoder(images).float()
+            total = torch.zeros((), device=images.device)
+            for k, classifier in enumerate(players.private_classifiers):
+                logits = classifier(encodings).float()
+                # The label flip target is the opposite of what the classifier predicts now,
+                # not of the true label: it drives the classifier to low confidence.
+                loss = losses.encoder_private_loss(encoder_loss, logits, private_labels[:, k])
+                total = total + loss
+                stats[f"encoder_private{k}_loss"] = loss.detach()
+            if players.desirable_classifier is not None:
+                logits = players.desirable_classifier(encodings).float()
+                utility = losses.classifier_loss(logits, desirable_labels)
+                total = total + alpha * utility
+                stats["encoder_desirable_loss"] = utility.detach()
+        total.backward()
+        optimizer.step()
+    finally:
+        for p in classifier_params:
+            p.requires_grad_(True)
+    stats["encoder_loss"] = total.detach()
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    players: Players,
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+) -> dict[str, float]:
+    """Validation accuracy of the current classifiers on the current encoder (Table 1, top
+    block: 'within adversarial training'), and collapse diagnostics of the encoder output.
+
+    Everything runs in eval mode (running statistics), as the fixed encoder would be used.
+    Collapse diagnostics (Sec. 4.2): the variance over images of each pre-tanh output element;
+    the variance constraint asks for 1 everywhere, a collapsed element has ~0.
+    """
+    modules = [players.encoder, *players.classifiers()]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        correct = torch.zeros(len(players.private_classifiers))
+        desirable_correct = 0.0
+        count = 0
+        pre_tanh = []
+        for images, private_labels, desirable_labels in batches:
+            encodings = players.encoder(images).float()
+            # atanh recovers the normalized output that the tanh squashed (clamped for safety).
+            pre_tanh.append(torch.atanh(encodings.clamp(-1 + 1e-6, 1 - 1e-6)).flatten(1).cpu())
+            for k, classifier in enumerate(players.private_classifiers):
+                correct[k] += (classifier(encodings).argmax(1) == private_labels[:, k]).sum().cpu()
+            if players.desirable_classifier is not None:
+                hits = players.desirable_classifier(encodings).argmax(1) == desirable_labels
+                desirable_correct += float(hits.sum())
+            count += images.shape[0]
+        variance = torch.cat(pre_tanh).var(dim=0)
+        result = {f"val_private{k}_acc": float(correct[k]) / count for k in range(len(correct))}
+        if players.desirable_classifier is not None:
+            result["val_desirable_acc"] = desirable_correct / count
+        result["collapse_zero_var_frac"] = float((variance < 1e-4).float().mean())
+        result["collapse_low_var_frac"] = float((variance < 0.5).float().mean())
+        result["output_var_mean"] = float(variance.mean())
+        return result
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)

@@ -1,0 +1,177 @@
+"""The ``privenc`` command line: thin subcommands that build a config and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from privenc import __version__
+
+log = logging.getLogger("privenc")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
+    parser.add_argument("--config", default=default, metavar="PRESET|FILE",
+                        help=f"a preset name or a TOML file (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.iters=500 (repeatable)")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from privenc.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from privenc.config import preset_names
+
+    if args.list:
+        print("\n".join(preset_names()))
+        return 0
+    print(_config_from_args(args).to_toml(), end="")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from privenc.data import inspect
+
+    config = _config_from_args(args)
+    if args.source:
+        config = _with_source(config, args.source)
+    tasks = args.tasks or [*config.train.private, *config.train.desirable]
+    print(inspect(config.data, tasks))
+    return 0
+
+
+def _with_source(config, source: str):
+    """Point the data config at a source given on the command line: 'synthetic', a Places-365
+    root (has categories_places365.txt), a CSV manifest, or a class-per-folder tree."""
+    from privenc.config import validate
+
+    path = Path(source)
+    data = config.data
+    if source == "synthetic":
+        data.source, data.root = "synthetic", ""
+    elif path.suffix.lower() == ".csv":
+        data.source, data.root = "csv", str(path)
+    elif (path / "categories_places365.txt").exists():
+        data.source, data.root = "places365", str(path)
+    elif path.is_dir():
+        data.source, data.root = "folder", str(path)
+    else:
+        from privenc.data.base import DataError
+
+        raise DataError(f"source {source!r} is not 'synthetic', a CSV file or an existing folder")
+    validate(config)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from privenc.config import ConfigError, load_config
+    from privenc.train import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume: {saved} does not exist (is {run_dir} a training run folder?)")
+        config = load_config(str(saved))
+        if args.overrides:
+            changed = load_config(str(saved), args.overrides)
+            diff = _config_diff(config.to_dict(), changed.to_dict())
+            if diff and not args.allow_config_change:
+                raise ConfigError("refusing to resume with a changed config (pass --allow-config-change to "
+                                  "accept):\n  " + "\n  ".join(diff))
+            config = changed
+            if diff:
+                config_path = run_dir / "config.toml"
+                config_path.write_text(config.to_toml())
+        path = train(config, run_dir, resume=True, progress=not args.no_progress)
+    else:
+        if not args.out:
+            raise ConfigError("privenc train needs --out RUN (a new run folder) or --resume RUN")
+        run_dir = Path(args.out)
+        if (run_dir / "checkpoints").exists():
+            raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
+        config = _config_from_args(args)
+        path = train(config, run_dir, progress=not args.no_progress)
+    print(f"encoder written to {path}")
+    return 0
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    return [f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
+            for section in old for key in old[section] if old[section][key] != new[section][key]]
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privenc",
+        description="Learn privacy-preserving image encoders by adversarial training and verify them "
+                    "against attackers retrained on the fixed encoder (Pittaluga et al., WACV 2019).",
+    )
+    parser.add_argument("--version", action="version", version=f"privenc {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an encoder adversarially (writes a run folder)",
+                       description="Train an encoder against private-task classifiers with the label-flip "
+                                   "loss, keeping utility by the variance constraint or desirable tasks.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="RUN", help="new run folder")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume and --set: accept a changed config (the differences are listed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="look at a data source", description="Data tools.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("inspect", help="categories, counts per split, image sizes, task balance",
+                            description="Describe a data source: categories, counts per split, image sizes, "
+                                        "groups and the balance of each task.")
+    q.add_argument("source", nargs="?", help="'synthetic', a Places-365 root, a class-per-folder tree or a "
+                                             "CSV manifest (default: the config's data source)")
+    q.add_argument("--task", dest="tasks", action="append", default=[],
+                   help="a task to describe (repeatable; default: the config's private and desirable tasks)")
+    _add_config_args(q)
+    q.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("config", help="print the resolved config as TOML, or list presets",
+                       description="Print the resolved configuration (defaults < preset/file < --set).")
+    _add_config_args(p)
+    p.add_argument("--list", action="store_true", help="list the shipped presets")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from privenc.checkpoint import CheckpointError
+    from privenc.config import ConfigError
+    from privenc.data.base import DataError
+    from privenc.train import TrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+        print(f"privenc: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("privenc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Adversarial training of an encoder (Sec. 3 and 4.1 of the paper), read top to bottom:
+config and data, models, optimizers, resume, then one loop whose phases are labelled.
+
+Run folder layout (everything later commands need):
+    config.toml, meta.json       the resolved config and provenance
+    splits/, tasks.json          the data split and tasks (written by the data layer)
+    metrics.jsonl                one JSON object per logged step
+    checkpoints/last.pt          the latest full training state (resume from it)
+    encoder.pt                   the final encoder, loadable on its own (verify, encode, export)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from privenc import checkpoint as ckpt
+from privenc.adversarial import Players, classifier_step, encoder_step, evaluate
+from privenc.config import Config, write_run_config
+from privenc.data import TaskData, prepare
+from privenc.data.tasks import combine_tasks
+from privenc.models import Classifier, Encoder
+from privenc.stream import BatchStream
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.pt"
+CHECKPOINT_FILE = "checkpoints/last.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable run folder)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def desirable_target(columns: torch.Tensor) -> torch.Tensor:
+    """The (N+1)-way desirable label from N per-task columns (Sec. 3): 0 = none of the
+    desirable tasks, 1 + j = task j (first positive wins). One column passes through."""
+    if columns.shape[1] == 1:
+        return columns[:, 0]
+    positive = columns > 0
+    first = positive.float().argmax(dim=1)
+    return torch.where(positive.any(dim=1), first + 1, torch.zeros_like(first))
+
+
+def build_players(config: Config, data: TaskData, n_private: int) -> Players:
+    encoder = Encoder(config.encoder, config.data.image_size)
+    channels, height, _ = encoder.output_shape
+    private = nn.ModuleList(
+        Classifier(config.classifier, channels, task.num_classes, height) for task in data.tasks[:n_private]
+    )
+    desirable = None
+    if len(data.tasks) > n_private:
+        combined = combine_tasks(data.tasks[n_private:])
+        desirable = Classifier(config.classifier, channels, combined.num_classes, height)
+    return Players(encoder, private, desirable)
+
+
+def encoder_lr(config: Config, step: int) -> float:
+    """Encoder LR after ``step`` total steps: multiplied by encoder_lr_decay every
+    encoder_lr_decay_every adversarial iterations (paper: 0.1^(1/4) every 200k)."""
+    t = config.train
+    adversarial = max(0, step - t.warmup_iters)
+    return t.encoder_lr * t.encoder_lr_decay ** (adversarial // t.encoder_lr_decay_every)
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
+    t = config.train
+    run_dir = Path(run_dir)
+    device = resolve_device(t.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not resume:
+        write_run_config(config, run_dir)
+
+    # ---- data: one pool per split, labels = one column per task (private first)
+    data = prepare(config.data, [*t.private, *t.desirable], run_dir=run_dir)
+    data.write(run_dir)
+    n_private = len(t.private)
+    seed_everything(t.seed)
+    stream = BatchStream(data.dataset("train", augment=True), t.batch_size, seed=t.seed,
+                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    val_batches = _validation_batches(data, t.batch_size, t.val_batches)
+
+    # ---- models and optimizers
+    players = build_players(config, data, n_private)
+    for module in [players.encoder, *players.classifiers()]:
+        module.to(device)
+        if t.channels_last and device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+    def to_device(batch):
+        return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None)
+
+    classifier_opt = torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas))
+    encoder_opt = torch.optim.Adam(players.encoder.parameters(), lr=t.encoder_lr, betas=tuple(t.betas))
+
+    step = 0
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if resume:
+        step = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream)
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+        log.info("resumed %s at step %d", run_dir, step)
+
+    total = t.warmup_iters + t.iters
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    counted = 0
+    started = time.time()
+    while step < total:
+        images, private_labels, desirable_labels = to_device(next(stream))
+
+        # (1) classifiers: cross-entropy on true labels, encoder fixed (warm-up: this step only)
+        stats = classifier_step(players, classifier_opt, images, private_labels, desirable_labels, t.amp)
+
+        # (2) encoder: private term + alpha * desirable CE, classifiers fixed, a different batch
+        if step >= t.warmup_iters:
+            lr = encoder_lr(config, step)
+            for group in encoder_opt.param_groups:
+                group["lr"] = lr
+            images, private_labels, desirable_labels = to_device(next(stream))
+            stats.update(encoder_step(players, encoder_opt, images, private_labels, desirable_labels,
+                                      t.encoder_loss, t.alpha, t.amp))
+        step += 1
+
+        values = {k: float(v) for k, v in stats.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            last = checkpoint_path if checkpoint_path.exists() else None
+            raise TrainingError(
+                f"non-finite {', '.join(bad)} at step {step}; training stopped. "
+                + (f"The last good checkpoint is {last} (step {_checkpoint_step(last)})." if last
+                   else "No checkpoint was written yet.")
+            )
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        counted += 1
+        bar.update(1)
+
+        # ---- logging: running means since the last log, validation, collapse diagnostics
+        if step % t.log_every == 0 or step == total:
+            record: dict[str, Any] = {
+                "step": step,
+                "phase": "warmup" if step <= t.warmup_iters else "adversarial",
+                "encoder_lr": encoder_lr(config, step - 1) if step > t.warmup_iters else 0.0,
+                "classifier_lr": t.classifier_lr,
+            }
+            record.update({k: v / counted for k, v in sums.items()})
+            record.update(evaluate(players, [to_device(b) for b in val_batches]))
+            record["elapsed_s"] = round(time.time() - started, 3)
+            _append_metrics(run_dir / METRICS_FILE, record)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")})
+            sums, counted = {}, 0
+
+        # ---- checkpoint: full state, atomically
+        if step % t.checkpoint_every == 0 or step == total:
+            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream)
+    bar.close()
+
+    encoder_path = run_dir / ENCODER_FILE
+    save_encoder(encoder_path, config, players.encoder, step)
+    log.info("encoder saved to %s", encoder_path)
+    return encoder_path
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+
+
+def _to_device(batch, device: torch.device, channels_last: bool, n_private: int, has_desirable: bool):
+    """(images, labels[B, T]) -> (images, private labels [B, P], desirable label [B] or None)."""
+    images, labels = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    desirable = desirable_target(labels[:, n_private:]) if has_desirable else None
+    return images, labels[:, :n_private], desirable
+
+
+def _validation_batches(data: TaskData, batch_size: int, count: int) -> list:
+    """A fixed set of validation batches (evaluation transform, no shuffling)."""
+    dataset = data.dataset("val", augment=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) >= count:
+            break
+    if not batches:
+        raise TrainingError("the validation split is empty: adjust data.split")
+    return batches
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from, so none appears twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
+                     classifier_opt: torch.optim.Optimizer, encoder_opt: torch.optim.Optimizer,
+                     stream: BatchStream) -> None:
+    payload = {
+        "step": step,
+        "config": config.to_dict(),
+        "encoder": players.encoder.state_dict(),
+        "private_classifiers": players.private_classifiers.state_dict(),
+        "desirable_classifier": players.desirable_classifier.state_dict() if players.desirable_classifier else {},
+        "classifier_optimizer": classifier_opt.state_dict(),
+        "encoder_optimizer": encoder_opt.state_dict(),
+        "stream": stream.state_dict(),
+        "rng": ckpt.rng_state(),
+    }
+    ckpt.save(path, payload)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(ckpt.load(path)["step"])
+
+
+def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
+             encoder_opt: torch.optim.Optimizer, stream: BatchStream) -> int:
+    payload = ckpt.load(path)
+    ckpt.load_state(players.encoder, payload["encoder"], f"{path}: encoder")
+    ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{path}: private classifiers")
+    if players.desirable_classifier is not None:
+        ckpt.load_state(players.desirable_classifier, payload["desirable_classifier"], f"{path}: desirable classifier")
+    classifier_opt.load_state_dict(payload["classifier_optimizer"])
+    encoder_opt.load_state_dict(payload["encoder_optimizer"])
+    stream.load_state_dict(payload["stream"])
+    ckpt.set_rng_state(payload["rng"])
+    return int(payload["step"])
+
+
+# --------------------------------------------------------------------------- the final encoder
+
+
+def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int) -> None:
+    """The encoder alone, with what is needed to rebuild it (its config and input size)."""
+    ckpt.save(path, {
+        "kind": "learned",
+        "step": step,
+        "encoder_config": config.to_dict()["encoder"],
+        "image_size": config.data.image_size,
+        "output_shape": list(encoder.output_shape),
+        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+    })
+
+
+def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encoder:
+    """Load a trained encoder (strictly) from a run folder or an encoder file, in eval mode."""
+    from privenc.config import EncoderConfig, _build_section
+
+    path = Path(run_or_file)
+    if path.is_dir():
+        path = path / ENCODER_FILE
+    payload = ckpt.load(path, map_location=device)
+    if payload.get("kind") != "learned":
+        raise ckpt.CheckpointError(f"{path}: not an encoder file (kind={payload.get('kind')!r})")
+    encoder_cfg = _build_section("encoder", EncoderConfig, payload["encoder_config"])
+    encoder = Encoder(encoder_cfg, int(payload["image_size"]))
+    ckpt.load_state(encoder, payload["state_dict"], f"{path}: encoder")
+    return encoder.to(device).eval()

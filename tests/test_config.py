@@ -1,0 +1,89 @@
+"""Config: defaults, presets, overrides, and errors that name the key."""
+
+import pytest
+
+from privenc.config import Config, ConfigError, from_dict, load_config, preset_names, write_run_config
+
+
+def test_presets_are_shipped_and_load():
+    assert {"demo", "paper", "places-mini"} <= set(preset_names())
+    for name in preset_names():
+        assert isinstance(load_config(name), Config)
+
+
+def test_paper_preset_holds_the_papers_values():
+    config = load_config("paper")
+    assert (config.data.image_size, config.train.batch_size) == (224, 128)
+    assert config.train.warmup_iters == 5000 and config.train.iters == 860000
+    assert config.train.classifier_lr == 1e-4 and config.train.encoder_lr == 1e-4
+    assert config.train.encoder_lr_decay == pytest.approx(0.1 ** 0.25)
+    assert config.train.encoder_lr_decay_every == 200000
+    assert config.train.alpha == 2 ** -4
+    assert config.verify.lr == 1e-5 and config.verify.lr_raw == 1e-4
+
+
+def test_overrides_win_over_the_preset_and_parse_toml_literals():
+    config = load_config("demo", ["train.iters=7", "train.encoder_lr=2e-4", "train.private=g1c3",
+                                  "train.desirable=[\"g1c1\", \"g1c2\"]", "data.cache=false"])
+    assert config.train.iters == 7
+    assert config.train.encoder_lr == 2e-4
+    assert config.train.private == ["g1c3"]  # a bare string is the one-element list
+    assert config.train.desirable == ["g1c1", "g1c2"]
+    assert config.data.cache is False
+
+
+def test_a_wrong_type_in_a_list_names_the_key():
+    with pytest.raises(ConfigError, match=r"train\.private must be of type list\[str\], got 3"):
+        load_config("demo", ["train.private=3"])
+    with pytest.raises(ConfigError, match=r"encoder\.stages\[0\]\[1\] must be of type int"):
+        load_config("demo", ["encoder.stages=[[16, \"x\"]]"])
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["train.alpha=1"]).train.alpha == 1.0
+    with pytest.raises(ConfigError, match=r"train\.iters must be of type int"):
+        load_config(None, ["train.iters=1.5"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.itres=5", r"unknown key train\.itres; valid keys of \[train\]: .*iters"),
+    ("trian.iters=5", r"unknown section 'trian'; valid: data, encoder"),
+    ("train.encoder_lr=-1", r"train\.encoder_lr must be > 0"),
+    ("train.batch_size=0", r"train\.batch_size must be >= 2"),
+    ("train.alpha=-0.5", r"train\.alpha must be >= 0"),
+    ("train.encoder_loss=\"wgan\"", r"train\.encoder_loss = 'wgan' is not valid; choose one of: label_flip"),
+    ("encoder.norm=\"group\"", r"encoder\.norm = 'group' is not valid; choose one of: none, batch"),
+    ("data.split=[0.9, 0.1, 0.0]", r"data\.split leaves a split empty"),
+    ("data.split=[0.5, 0.1, 0.1]", r"data\.split must be three non-negative fractions summing to 1"),
+    ("data.load_size=8", r"data\.load_size \(8\) must be >= data\.image_size"),
+    ("verify.attackers=[\"transformer\"]", r"verify\.attackers\[\] = 'transformer' is not valid"),
+    ("train.iters", r"expected section\.key=value"),
+])
+def test_invalid_values_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("demo", [override])
+
+
+def test_places_source_needs_a_root():
+    with pytest.raises(ConfigError, match=r"data\.root must be set"):
+        from_dict({"data": {"source": "places365"}})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: .*demo"):
+        load_config("no-such-preset")
+
+
+def test_config_file_round_trips_through_toml(tmp_path):
+    config = load_config("places-mini", ["train.iters=3"])
+    write_run_config(config, tmp_path / "run")
+    again = load_config(str(tmp_path / "run" / "config.toml"))
+    assert again == config
+    assert (tmp_path / "run" / "meta.json").exists()
+
+
+def test_bad_toml_file_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\niters = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(path))
