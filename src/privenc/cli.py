@@ -110,6 +110,59 @@ def _config_diff(old: dict, new: dict) -> list[str]:
             for section in old for key in old[section] if old[section][key] != new[section][key]]
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from privenc.verify import verify
+
+    config = _config_from_args(args)
+    tasks = args.tasks or _default_tasks(args.encoder, config)
+    verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    print(f"results: {Path(args.out) / 'verify.json'}")
+    return 0
+
+
+def _default_tasks(encoder: str, config) -> list[str]:
+    """A run's own private and desirable tasks; for a baseline, the config's."""
+    from privenc.config import load_config
+
+    saved = Path(encoder) / "config.toml"
+    source = load_config(str(saved)) if saved.is_file() else config
+    return [*source.train.private, *source.train.desirable]
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from privenc.grid import run_grid
+    from privenc.verify import summarize
+
+    config = _config_from_args(args)
+    records = run_grid(args.encoders, args.tasks, config, Path(args.out), jobs=args.jobs, device=args.device)
+    print(summarize(records), end="")
+    print(f"cells: {Path(args.out) / 'cells'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from privenc.report import build_report
+
+    build_report([Path(p) for p in args.inputs], Path(args.out), figures=not args.no_figures)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from privenc.demo import run_demo
+
+    started = time.time()
+    report = run_demo(Path(args.out), _config_from_args(args), jobs=args.jobs, progress=not args.no_progress)
+    text = report.read_text()
+    table2 = text[text.index("## Table 2"):].split("\n## ")[0] if "## Table 2" in text else text
+    print(table2)
+    print(f"demo finished in {(time.time() - started) / 60:.1f} min; report: {report}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -146,6 +199,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.set_defaults(func=cmd_data_inspect)
 
+    p = sub.add_parser("verify", help="verify an encoder: fresh attackers trained to saturation",
+                       description="Train fresh attackers from scratch on a fixed encoder's outputs until "
+                                   "validation accuracy saturates, drop the LR 10x once, saturate again, and "
+                                   "report validation and test accuracy (Sec. 4.1 of the paper).")
+    p.add_argument("encoder", help="a training run folder, 'identity' (raw images) or 'blur' (Naive Blur)")
+    p.add_argument("--task", dest="tasks", action="append", default=[],
+                   help="a task to verify (repeatable; default: the run's private and desirable tasks)")
+    p.add_argument("--out", required=True, help="output folder (verify.json, summary.md)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("grid", help="verify encoders x tasks (the shape of Table 2), resumable",
+                       description="Verify every encoder on every task; finished cells are skipped on a rerun.")
+    p.add_argument("--encoders", nargs="+", required=True, help="run folders, 'identity', 'blur'")
+    p.add_argument("--tasks", nargs="+", required=True, help="tasks (category names or attribute:<column>)")
+    p.add_argument("--out", required=True, help="grid folder")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="tables and figures from run and grid folders",
+                       description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "
+                                   "from run folders alone (report.md, report.json, PNGs).")
+    p.add_argument("inputs", nargs="+", help="training run, verify or grid folders (searched recursively)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic scenes",
+                       description="Train a label-flip and a standard-GAN encoder, verify them and the Identity "
+                                   "and Blur baselines on the private, desirable and one other task, and write "
+                                   "the report. A rerun reuses finished steps.")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--jobs", type=int, default=2, help="verification cells in parallel (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("config", help="print the resolved config as TOML, or list presets",
                        description="Print the resolved configuration (defaults < preset/file < --set).")
     _add_config_args(p)
@@ -165,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as err:
         print(f"privenc: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

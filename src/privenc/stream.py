@@ -43,8 +43,11 @@ class BatchStream:
         order = self._permutation(self.epoch)
         last = self.size - self.batch_size
         batches = [order[i:i + self.batch_size].tolist() for i in range(self.position, last + 1, self.batch_size)]
+        # A private generator: creating a DataLoader iterator draws a base seed, and drawing it
+        # from the global RNG would make a resumed run diverge from an uninterrupted one.
+        workers_seed = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.position)
         self._iterator = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                         pin_memory=self.pin_memory))
+                                         pin_memory=self.pin_memory, generator=workers_seed))
 
     def __iter__(self) -> BatchStream:
         return self

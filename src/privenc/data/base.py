@@ -38,6 +38,11 @@ class Source(ABC):
     def load(self, index: int) -> np.ndarray:
         """Image ``index`` as an RGB ``uint8`` array of shape (H, W, 3) at its native size."""
 
+    def load_many(self, indices: list[int]) -> list[np.ndarray]:
+        """Images ``indices`` (as :meth:`load`); sources that generate images in bulk (synthetic)
+        override this, since building the image cache calls it in chunks."""
+        return [self.load(i) for i in indices]
+
     def fingerprint(self) -> str:
         """A string that changes whenever the images behind this source change (cache key)."""
         return f"{type(self).__name__}:{self.name}:{len(self.ids)}"

@@ -1,0 +1,366 @@
+"""The embedded default data: procedural "synthetic scenes", generated in code (DESIGN.md, "Data").
+
+Why scenes and not noise: the paper's problem is hard because a Places-365 category is
+signalled by many redundant cues at once (objects, colours, textures, layout), so an encoder
+that hides one category must remove all of them, and removing a cue costs the other categories
+that also rely on that kind of feature (Sec. 1 and 4.2). This generator reproduces that
+structure at any resolution, deterministically, in seconds:
+
+* Categories come in groups (built-in: ``g1`` and ``g2``, eight categories each, like the paper's
+  two groups of ten). Every category has one value of each of four **cue types**:
+
+  - ``shape``   — two or three objects of one of 8 shapes (fine detail: a 17-px box blur erases it);
+  - ``texture`` — a background grating at one of 8 orientations (fine detail, erased by blur);
+  - ``palette`` — the background hue, one of 8 hues, heavily jittered (coarse; survives blur);
+  - ``layout``  — the direction in which the scene brightens, one of 8 (coarse; survives blur).
+
+* Within a group the category -> value map is one-to-one for every cue type, so any single cue
+  identifies the category; the cue *types* (and vocabularies) are shared by all categories and
+  both groups, with a different assignment per group, so destroying a kind of feature to hide one
+  category costs every other category that uses it.
+* Each cue is present independently with probability :data:`CUE_PROBABILITY` (at least one
+  always is); everything is noisy (position, size, rotation, colour, amplitude jitter; a
+  low-frequency colour field; pixel noise; neutral distractor objects outside the vocabulary).
+
+Image ``n`` of category ``c`` depends only on ``(seed, c, n, size)``: it is rendered from a numpy
+Generator seeded by those numbers, so ``load(i)`` equals ``generate_all()[i]``, restricting the
+groups does not change the pictures, and bumping :data:`GENERATOR_VERSION` invalidates caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from privenc.data.base import DataError, Source
+
+GENERATOR_VERSION = 1
+"""Bump whenever the pictures change for a given (seed, category, index, size); part of the
+fingerprint, so stale caches are rebuilt."""
+
+CUE_TYPES = ("shape", "texture", "palette", "layout")
+CUE_PROBABILITY = 0.8
+"""Each cue is present in an image independently with this probability (at least one always is)."""
+
+SHAPES = ("disk", "square", "triangle", "plus", "ring", "diamond", "cross", "bars")
+DISTRACTOR_SHAPES = ("half_disk", "corner")
+"""Neutral objects drawn in every category: clutter that belongs to no category's vocabulary."""
+TEXTURES = tuple(f"{22.5 * k:g}deg" for k in range(8))
+PALETTES = ("red", "amber", "lime", "green", "cyan", "azure", "violet", "rose")
+LAYOUTS = ("bright-E", "bright-SE", "bright-S", "bright-SW", "bright-W", "bright-NW", "bright-N", "bright-NE")
+VOCABULARY = {"shape": SHAPES, "texture": TEXTURES, "palette": PALETTES, "layout": LAYOUTS}
+
+# Category k of a group -> value index of each cue type (shape, texture, palette, layout).
+# Every column is a permutation of 0..7 (any single cue identifies the category within its
+# group); the two groups share the vocabularies with different pairings.
+ASSIGNMENT: dict[str, list[tuple[int, int, int, int]]] = {
+    "g1": [(0, 1, 2, 3), (1, 4, 7, 2), (2, 7, 4, 1), (3, 2, 1, 0),
+           (4, 5, 6, 7), (5, 0, 3, 6), (6, 3, 0, 5), (7, 6, 5, 4)],
+    "g2": [(5, 0, 6, 2), (0, 5, 5, 5), (3, 2, 4, 0), (6, 7, 3, 3),
+           (1, 4, 2, 6), (4, 1, 1, 1), (7, 6, 0, 4), (2, 3, 7, 7)],
+}
+BUILTIN_GROUPS: dict[str, list[str]] = {g: [f"{g}c{k}" for k in range(len(rows))] for g, rows in ASSIGNMENT.items()}
+
+# --- rendering constants, in "unit" coordinates: the image spans [-1, 1] on both axes, so the
+# pictures are the same at any resolution (only pixel noise and antialiasing depend on size).
+HUE_JITTER = 0.09
+"""Palette hue jitter (fraction of the colour wheel, uniform +-); palettes are 1/8 = 0.125 apart,
+so neighbouring palettes overlap: colour alone is a noisy cue."""
+NUISANCE_AMPLITUDE = 0.05
+"""Std of each of the three low-frequency colour waves that mask the coarse cues."""
+LAYOUT_JITTER = 0.35
+"""Layout direction jitter (radians, uniform +-); layouts are pi/4 apart."""
+LAYOUT_SLOPE = (0.12, 0.2)
+"""Brightness gained per unit of distance along the layout direction (the image spans 2 units)."""
+PIXEL_NOISE = 0.04
+TEXTURE_PERIOD = 0.25
+"""Grating period (unit coordinates: 4.5 px at 36 px, far below the Naive Blur box width)."""
+TEXTURE_AMPLITUDE = (0.10, 0.18)
+OBJECT_RADIUS = (0.2, 0.27)
+"""Object size range (unit coordinates: 3.6-4.9 px at 36 px)."""
+OBJECT_SLOTS = 5
+"""Objects per image at most: up to 3 cue objects + up to 2 distractors, on a jittered 3x3 grid."""
+GRID_STEP = 0.55
+MAX_DISTRACTORS = 2
+
+
+class SyntheticSource(Source):
+    """Synthetic scenes: ``per_category`` images of every category of ``groups``, generated in code.
+
+    ``groups`` restricts or regroups the built-in categories (``g1c0 .. g1c7``, ``g2c0 .. g2c7``);
+    a category keeps its own cues wherever it is placed. Besides ``category``, the attributes hold
+    ``group`` and the value of every cue type in each image (``"none"`` when absent), usable as
+    categorical tasks (``attribute:palette``).
+    """
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        size: int = 36,
+        per_category: int = 400,
+        seed: int = 0,
+        groups: dict[str, list[str]] | None = None,
+    ) -> None:
+        if size < 4:
+            raise DataError(f"synthetic image size must be >= 4, got {size}")
+        if per_category < 1:
+            raise DataError(f"synthetic per_category must be >= 1, got {per_category}")
+        self.size = size
+        self.per_category = per_category
+        self.seed = seed
+        self.groups = {g: list(cats) for g, cats in (groups or BUILTIN_GROUPS).items()}
+        for group, cats in self.groups.items():
+            if not cats:
+                raise DataError(f"synthetic group {group!r} is empty")
+            for c in cats:
+                if c not in _CATEGORY_KEY:
+                    raise DataError(f"synthetic group {group!r}: unknown category {c!r}; "
+                                    f"the synthetic categories are {', '.join(_CATEGORY_KEY)}")
+        self.categories = list(dict.fromkeys(c for cats in self.groups.values() for c in cats))
+        self._rows = [(c, n) for c in self.categories for n in range(per_category)]
+        self.ids = [f"synthetic/{c}/{n:06d}" for c, n in self._rows]
+
+        # attributes: category, group, and the value of each cue type ("none" where absent)
+        self.attributes = {"category": [c for c, _ in self._rows],
+                           "group": [_CATEGORY_KEY[c][0] for c, _ in self._rows]}
+        head = np.stack([self._rng(c, n).random(_PRESENCE_DRAWS) for c, n in self._rows])
+        present = _presence(head)  # (N, cue type)
+        for t, cue in enumerate(CUE_TYPES):
+            self.attributes[cue] = [VOCABULARY[cue][cue_values(c)[t]] if p else "none"
+                                    for (c, _), p in zip(self._rows, present[:, t])]
+
+    def fingerprint(self) -> str:
+        groups = ";".join(f"{g}={','.join(cats)}" for g, cats in self.groups.items())
+        return (f"SyntheticSource:v{GENERATOR_VERSION}:size={self.size}:per_category={self.per_category}"
+                f":seed={self.seed}:{groups}")
+
+    def load(self, index: int) -> np.ndarray:
+        return self.generate([index])[0]
+
+    def generate_all(self, cues: Sequence[str] | None = None) -> np.ndarray:
+        """All images, ``[N, size, size, 3]`` uint8, in ``ids`` order (vectorized: seconds for thousands)."""
+        return self.generate(range(len(self.ids)), cues=cues)
+
+    def generate(self, indices: Sequence[int], cues: Sequence[str] | None = None, chunk: int = 1024) -> np.ndarray:
+        """Images ``indices`` as ``[len(indices), size, size, 3]`` uint8.
+
+        ``cues`` overrides which cue types are present (e.g. ``["texture"]`` renders every image
+        with its texture and nothing else of its category) — for probing which cues a classifier
+        or an encoder relies on. The rest of each scene (noise, distractors, jitter) is unchanged.
+        """
+        indices = list(indices)
+        forced = None
+        if cues is not None:
+            bad = [c for c in cues if c not in CUE_TYPES]
+            if bad:
+                raise DataError(f"unknown cue type {bad[0]!r}; cue types: {', '.join(CUE_TYPES)}")
+            forced = np.array([t in cues for t in CUE_TYPES])
+        out = np.empty((len(indices), self.size, self.size, 3), np.uint8)
+        for start in range(0, len(indices), chunk):
+            rows = [self._rows[i] for i in indices[start:start + chunk]]
+            uniforms = np.empty((len(rows), _DRAWS))
+            noise = np.empty((len(rows), self.size, self.size, 3), np.float32)
+            for j, (c, n) in enumerate(rows):
+                rng = self._rng(c, n)
+                uniforms[j] = rng.random(_DRAWS)
+                noise[j] = rng.standard_normal((self.size, self.size, 3), dtype=np.float32)
+            values = np.array([cue_values(c) for c, _ in rows]).reshape(-1, len(CUE_TYPES))
+            out[start:start + len(rows)] = _render(_scene(uniforms, values, forced), noise, self.size)
+        return out
+
+    def _rng(self, category: str, n: int) -> np.random.Generator:
+        """The generator of image ``n`` of ``category``: depends on nothing else (not on groups)."""
+        return np.random.default_rng([self.seed, *_CATEGORY_KEY[category][1:], n])
+
+
+_CATEGORY_KEY = {c: (g, gi, ci) for gi, (g, cats) in enumerate(BUILTIN_GROUPS.items()) for ci, c in enumerate(cats)}
+
+
+def cue_values(category: str) -> tuple[int, int, int, int]:
+    """Value index of each cue type (``CUE_TYPES`` order) of a built-in category."""
+    group, _, k = _CATEGORY_KEY[category]
+    return ASSIGNMENT[group][k]
+
+
+# --------------------------------------------------------------------------- scene parameters
+#
+# Every image draws a fixed number of uniforms from its own generator (then its pixel noise); the
+# parameters below are functions of those uniforms, computed for a whole batch at once. The
+# draws are consumed in a fixed order whatever is present, so forcing a cue on or off changes
+# only that cue.
+
+_PRESENCE_DRAWS = len(CUE_TYPES) + 1
+
+
+class _Draws:
+    """Hands out consecutive columns of a (B, K) block of uniforms."""
+
+    def __init__(self, uniforms: np.ndarray) -> None:
+        self.uniforms, self.used = uniforms, 0
+
+    def __call__(self, n: int | None = None, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+        k = 1 if n is None else n
+        u = self.uniforms[:, self.used:self.used + k]
+        self.used += k
+        u = low + (high - low) * u
+        return u[:, 0] if n is None else u  # (B,) or (B, n)
+
+
+def _presence(head: np.ndarray) -> np.ndarray:
+    """(B, 5) first uniforms -> (B, cue type) bool: each cue present with CUE_PROBABILITY, and
+    one cue, picked by the fifth uniform, forced on when all four came out absent."""
+    present = head[:, :len(CUE_TYPES)] < CUE_PROBABILITY
+    pick = np.minimum((head[:, len(CUE_TYPES)] * len(CUE_TYPES)).astype(int), len(CUE_TYPES) - 1)
+    none = ~present.any(axis=1)
+    present[none, pick[none]] = True
+    return present
+
+
+def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Uniforms (B, _DRAWS) and cue values (B, cue type) -> batched scene parameters."""
+    draw = _Draws(uniforms)
+    present = _presence(draw(_PRESENCE_DRAWS))
+    if forced is not None:
+        present = np.broadcast_to(forced, present.shape)
+    has_shape, has_texture, has_palette, has_layout = present.T
+    shape, texture, palette, layout = values.T
+    p: dict[str, np.ndarray] = {}
+
+    # palette: background colour; a random, barely saturated colour when the cue is absent
+    hue = palette / len(PALETTES) + draw(low=-HUE_JITTER, high=HUE_JITTER)
+    sat, val = draw(low=0.35, high=0.65), draw(low=0.35, high=0.65)
+    random_hue, random_sat = draw(), draw(low=0.0, high=0.12)
+    p["background"] = np.stack([np.where(has_palette, hue, random_hue), np.where(has_palette, sat, random_sat), val], 1)
+
+    # low-frequency colour waves: nuisance that masks palette and layout (and survives blur)
+    angle, freq = draw(3, 0, 2 * np.pi), draw(3, 0.25, 0.6)  # freq in cycles per unit: 0.5-1.2 per image
+    p["wave_vector"] = np.stack([np.cos(angle) * freq, np.sin(angle) * freq], axis=2)  # (B, wave, 2)
+    p["wave_phase"] = draw(3, 0, 2 * np.pi)
+    p["wave_amplitude"] = draw(9, -1, 1).reshape(-1, 3, 3) * NUISANCE_AMPLITUDE * np.sqrt(3)  # (B, wave, channel)
+
+    # texture: luminance grating at the category's orientation
+    theta = np.pi * texture / len(TEXTURES) + draw(low=-0.07, high=0.07)
+    period = TEXTURE_PERIOD * draw(low=0.9, high=1.1)
+    phase, amp = draw(low=0, high=2 * np.pi), draw(low=TEXTURE_AMPLITUDE[0], high=TEXTURE_AMPLITUDE[1]) * has_texture
+    p["texture"] = np.stack([np.cos(theta) / period, np.sin(theta) / period, phase, amp], 1)
+
+    # layout: luminance ramp brightening towards the category's direction (y points down)
+    phi = 2 * np.pi * layout / len(LAYOUTS) + draw(low=-LAYOUT_JITTER, high=LAYOUT_JITTER)
+    slope = draw(low=LAYOUT_SLOPE[0], high=LAYOUT_SLOPE[1]) * has_layout
+    p["layout"] = np.stack([np.cos(phi) * slope, np.sin(phi) * slope], 1)
+
+    # objects: 2-3 cue shapes (slots 0-2) and 0-2 distractors (slots 3-4) on distinct cells of a
+    # jittered 3x3 grid; they contrast with the background in brightness, their hue is random
+    n_cue = 2 + (draw() < 0.5)
+    n_distractor = (draw() * (MAX_DISTRACTORS + 1)).astype(int)
+    distractor = len(SHAPES) + (draw(2) * len(DISTRACTOR_SHAPES)).astype(int)
+    cells = np.argsort(draw(9), axis=1)[:, :OBJECT_SLOTS]
+    slot = np.arange(OBJECT_SLOTS)
+    kind = np.full((len(values), OBJECT_SLOTS), -1)
+    kind = np.where((slot < n_cue[:, None]) & has_shape[:, None], shape[:, None], kind)
+    kind[:, 3:] = np.where(slot[3:] - 3 < n_distractor[:, None], distractor, -1)
+    centre = GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2) + draw(2 * OBJECT_SLOTS, -0.08, 0.08).reshape(-1, OBJECT_SLOTS, 2)
+    radius, rotation = draw(OBJECT_SLOTS, *OBJECT_RADIUS), draw(OBJECT_SLOTS, -0.2, 0.2)
+    bright = (val < 0.5)[:, None]
+    contrast = draw(OBJECT_SLOTS, 0.0, 0.2)
+    obj_val = np.where(bright, 1.0 - contrast, contrast)
+    obj_hsv = np.stack([draw(OBJECT_SLOTS), draw(OBJECT_SLOTS, 0, 0.5), obj_val], axis=2)
+    p["object_kind"] = kind
+    p["object_geometry"] = np.concatenate([centre, radius[..., None], rotation[..., None]], axis=2)  # (B, slot, 4)
+    p["object_colour"] = _hsv_to_rgb(obj_hsv)  # (B, slot, 3)
+    assert draw.used == _DRAWS, f"scene used {draw.used} draws, expected {_DRAWS}"
+    return p
+
+
+_DRAWS = 82
+"""Uniforms per image consumed by :func:`_scene` (checked there)."""
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """(..., 3) HSV in [0, 1] (hue wraps) -> (..., 3) RGB in [0, 1]."""
+    h, s, v = hsv[..., 0:1] % 1.0, hsv[..., 1:2], hsv[..., 2:3]
+    k = (np.array([5.0, 3.0, 1.0]) + 6.0 * h) % 6.0
+    return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _wave(x: np.ndarray, y: np.ndarray, fx: np.ndarray, fy: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """cos(2 pi (fx x + fy y) + phase) for (B,) frequencies, as a (B, S, S) float32 plane;
+    separable (cosines of rows and columns only), which is much faster than a cosine per pixel."""
+    a = 2 * np.pi * fx[:, None, None] * x.astype(float) + phase[:, None, None]  # (B, 1, S)
+    b = 2 * np.pi * fy[:, None, None] * y.astype(float)  # (B, S, 1)
+    f32 = np.float32
+    return np.cos(a).astype(f32) * np.cos(b).astype(f32) - np.sin(a).astype(f32) * np.sin(b).astype(f32)
+
+
+def _render(p: dict[str, np.ndarray], noise: np.ndarray, size: int) -> np.ndarray:
+    """Batched parameters -> (B, size, size, 3) uint8. Element-wise maths only, so an image does
+    not depend on the batch it is rendered in."""
+    u = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
+    x, y = u[None, None, :], u[None, :, None]  # (1, 1, S) columns, (1, S, 1) rows
+    col = lambda a: a[:, None, None].astype(np.float32)  # (B,) -> (B, 1, 1)
+
+    # luminance: layout ramp + texture grating, the same in the three channels
+    lum = col(p["layout"][:, 0]) * x + col(p["layout"][:, 1]) * y  # (B, S, S)
+    tex = p["texture"]
+    lum = lum + col(tex[:, 3]) * _wave(x, y, tex[:, 0], tex[:, 1], tex[:, 2])
+
+    image = _hsv_to_rgb(p["background"]).astype(np.float32)[:, None, None, :] + lum[..., None]  # (B, S, S, 3)
+    for w in range(p["wave_phase"].shape[1]):
+        wave = _wave(x, y, p["wave_vector"][:, w, 0], p["wave_vector"][:, w, 1], p["wave_phase"][:, w])
+        image += wave[..., None] * p["wave_amplitude"][:, None, None, w, :].astype(np.float32)
+
+    # objects, painted in slot order with 1-px antialiased edges
+    pixels_per_unit = size / 2.0
+    alpha = np.empty(image.shape[:3], np.float32)
+    for slot in range(p["object_kind"].shape[1]):
+        kinds = p["object_kind"][:, slot]
+        alpha[:] = 0.0
+        for kind in np.unique(kinds[kinds >= 0]):
+            sel = np.flatnonzero(kinds == kind)
+            cx, cy, r, rot = (col(p["object_geometry"][sel, slot, j]) for j in range(4))
+            dx, dy = (x - cx) / r, (y - cy) / r
+            c, s = np.cos(rot), np.sin(rot)
+            lx, ly = c * dx + s * dy, c * dy - s * dx  # object-local coordinates, radius ~1
+            distance = _SDF[kind](lx, ly) * (r * pixels_per_unit)  # in pixels
+            alpha[sel] = np.clip(0.5 - distance, 0.0, 1.0)
+        colour = p["object_colour"][:, slot].astype(np.float32)[:, None, None, :]
+        image += (colour - image) * alpha[..., None]
+
+    image += np.float32(PIXEL_NOISE) * noise
+    assert image.dtype == np.float32
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+# Signed distances (approximate; negative inside) of the shapes in local coordinates, radius ~1.
+def _box(x, y, hx, hy):
+    return np.maximum(np.abs(x) - hx, np.abs(y) - hy)
+
+
+def _polygon(x, y, normals_deg, offset):
+    """Convex polygon as the intersection of half-planes with these outward normals."""
+    d = None
+    for t in np.deg2rad(normals_deg):
+        e = np.float32(np.cos(t)) * x + np.float32(np.sin(t)) * y
+        d = e if d is None else np.maximum(d, e)
+    return d - offset
+
+
+_DIAG = np.float32(np.sqrt(0.5))
+_SDF = [
+    lambda x, y: np.sqrt(x * x + y * y) - 0.85,  # disk
+    lambda x, y: _box(x, y, 0.78, 0.78),  # square
+    lambda x, y: _polygon(x, y + 0.2, [90, 210, 330], 0.55),  # triangle, apex up
+    lambda x, y: np.minimum(_box(x, y, 0.3, 1.0), _box(x, y, 1.0, 0.3)),  # plus
+    lambda x, y: np.abs(np.sqrt(x * x + y * y) - 0.72) - 0.24,  # ring
+    lambda x, y: _polygon(x, y, [45, 135, 225, 315], 0.7),  # diamond
+    lambda x, y: np.minimum(_box(_DIAG * (x + y), _DIAG * (x - y), 0.28, 1.05),
+                            _box(_DIAG * (x + y), _DIAG * (x - y), 1.05, 0.28)),  # cross
+    lambda x, y: _box(x, np.abs(y) - 0.5, 0.95, 0.2),  # bars
+    lambda x, y: np.maximum(np.sqrt(x * x + (y - 0.35) ** 2) - 0.95, y - 0.35),  # half_disk
+    lambda x, y: np.minimum(_box(x + 0.55, y, 0.22, 0.9), _box(x, y - 0.68, 0.77, 0.22)),  # corner
+]

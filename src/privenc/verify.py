@@ -1,0 +1,322 @@
+"""The verification protocol (Sec. 4.1): an encoder is only as private as the best classifier
+that can be trained on its outputs after it is fixed.
+
+Like a linear-probe evaluation (MoCo, DINO): load the encoder strictly, freeze it, train fresh
+attackers from scratch on its encodings, and check afterwards that it did not change. Because
+the encoder is fixed, the data are encoded once (several augmented views of each training
+image) and attackers train on the cached encodings.
+
+Each attacker: Adam at ``lr`` until validation accuracy saturates (no improvement of at least
+``min_delta`` for ``patience`` evaluations), then one 10x LR drop and training until it
+saturates again. A run that reaches ``max_iters`` first is reported as not saturated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from privenc.checkpoint import atomic_write_text
+from privenc.config import Config, VerifyConfig, load_config
+from privenc.data import TaskData, prepare
+from privenc.models import build_attacker, build_encoder
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("identity", "blur")
+
+
+# --------------------------------------------------------------------------- saturation
+
+
+class Saturation:
+    """Tracks the protocol's phases from a stream of validation accuracies.
+
+    ``update(acc)`` returns one of: "continue", "drop" (first plateau: drop the LR once),
+    "stop" (second plateau). The best accuracy carries over the LR drop, so the second phase
+    must beat everything seen so far to count as an improvement.
+    """
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = -math.inf
+        self.since_best = 0
+        self.dropped = False
+
+    def update(self, accuracy: float) -> str:
+        if accuracy >= self.best + self.min_delta:
+            self.best, self.since_best = accuracy, 0
+        else:
+            self.since_best += 1
+        if self.since_best < self.patience:
+            return "continue"
+        if not self.dropped:
+            self.dropped, self.since_best = True, 0
+            return "drop"
+        return "stop"
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class LoadedEncoder:
+    name: str
+    kind: str               # learned | identity | blur
+    module: nn.Module
+    config: Config          # the config that defines its data (a run's own, for learned encoders)
+    run_dir: Path | None    # training run folder (its splits are reused)
+
+
+def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
+    """``identity``, ``blur`` or a training run folder. A learned encoder brings its own data
+    config (input size, split) from the run folder; verification settings stay the caller's."""
+    if spec in BASELINES:
+        module = build_encoder(spec, config.encoder, config.data.image_size)
+        return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
+    from privenc.train import load_encoder
+
+    run_dir = Path(spec)
+    module = load_encoder(run_dir, device)
+    run_config = load_config(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else config
+    run_config.verify = config.verify
+    return LoadedEncoder(run_dir.name, "learned", module, run_config, run_dir if run_dir.is_dir() else None)
+
+
+def _freeze(module: nn.Module) -> dict[str, torch.Tensor]:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], name: str) -> None:
+    """The probe pattern's last check: verification must not have moved the fixed encoder."""
+    for key, value in module.state_dict().items():
+        if not torch.equal(value, snapshot[key]):
+            raise AssertionError(f"encoder {name} changed during verification ({key})")
+
+
+# --------------------------------------------------------------------------- encode once
+
+
+@dataclass
+class Encoded:
+    """Cached encodings of one task's pool: train (several augmented views), val, test."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    num_classes: int
+
+
+@torch.no_grad()
+def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int, device: torch.device,
+                progress: bool = False) -> Encoded:
+    xs: dict[str, torch.Tensor] = {}
+    ys: dict[str, torch.Tensor] = {}
+    for split, augment, repeats in (("train", True, views), ("val", False, 1), ("test", False, 1)):
+        dataset = data.dataset(split, augment=augment)
+        chunks, labels = [], []
+        for _ in range(repeats):
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            for images, label in tqdm(loader, desc=f"encode {split}", leave=False, disable=not progress):
+                chunks.append(encoder(images.to(device)).float().cpu())
+                labels.append(label[:, 0])
+        xs[split], ys[split] = torch.cat(chunks), torch.cat(labels)
+    return Encoded(xs, ys, data.tasks[0].num_classes)
+
+
+# --------------------------------------------------------------------------- one attacker
+
+
+@dataclass
+class AttackerResult:
+    attacker: str
+    seed: int
+    lr: float
+    iters: int
+    saturated: bool
+    lr_dropped_at: int | None
+    val_acc_best: float
+    test_acc_best: float
+    test_ce_best: float
+    val_acc_final: float
+    test_acc_final: float
+    curve: list[list[float]] = field(default_factory=list)   # [iteration, val accuracy, lr]
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def _accuracy_and_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                     batch_size: int = 512) -> tuple[float, float]:
+    model.eval()
+    correct, total_ce = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size].to(device)).float()
+        target = y[i:i + batch_size].to(device)
+        correct += int((logits.argmax(1) == target).sum())
+        total_ce += float(F.cross_entropy(logits, target, reduction="sum"))
+    model.train()
+    return correct / len(x), total_ce / len(x)
+
+
+def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: float, seed: int,
+                   device: torch.device, family: str = "paper", progress: bool = False,
+                   label: str = "") -> AttackerResult:
+    """Train one classifier from scratch under the protocol. Shared by verification of learned
+    encoders, the Identity and Blur baselines and every attacker family of the zoo."""
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    x_train, y_train = data.x["train"], data.y["train"]
+    batch = min(settings.batch_size, len(x_train))
+    saturation = Saturation(settings.patience, settings.min_delta)
+    best_state, best_val, dropped_at = copy.deepcopy(model.state_dict()), -1.0, None
+    curve: list[list[float]] = []
+    started = time.time()
+    iteration, saturated = 0, False
+    bar = tqdm(total=settings.max_iters, desc=label or family, leave=False, disable=not progress, unit="it")
+    while iteration < settings.max_iters:
+        index = torch.randint(len(x_train), (batch,), generator=generator)
+        logits = model(x_train[index].to(device))
+        loss = F.cross_entropy(logits.float(), y_train[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        bar.update(1)
+        if iteration % settings.eval_every and iteration != settings.max_iters:
+            continue
+        val_acc, _ = _accuracy_and_ce(model, data.x["val"], data.y["val"], device)
+        current_lr = optimizer.param_groups[0]["lr"]
+        curve.append([iteration, val_acc, current_lr])
+        if val_acc > best_val:
+            best_val, best_state = val_acc, copy.deepcopy(model.state_dict())
+        event = saturation.update(val_acc)
+        bar.set_postfix(val=f"{val_acc:.3f}", best=f"{best_val:.3f}")
+        if event == "drop":
+            dropped_at = iteration
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr * settings.lr_drop
+        elif event == "stop":
+            saturated = True
+            break
+    bar.close()
+    val_final, _ = _accuracy_and_ce(model, data.x["val"], data.y["val"], device)
+    test_final, _ = _accuracy_and_ce(model, data.x["test"], data.y["test"], device)
+    model.load_state_dict(best_state)
+    test_best, test_ce = _accuracy_and_ce(model, data.x["test"], data.y["test"], device)
+    return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, best_val, test_best, test_ce,
+                          val_final, test_final, curve, round(time.time() - started, 2))
+
+
+# --------------------------------------------------------------------------- information estimate
+
+
+def label_entropy_bits(labels: torch.Tensor, num_classes: int) -> float:
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def information_bits(labels: torch.Tensor, num_classes: int, cross_entropy_nats: float) -> float:
+    """H(U) - CE (eq. 2): the attacker's cross-entropy upper-bounds H(U | E), so the difference
+    is a lower bound on the information I(E; U) the encoding leaks about the attribute."""
+    return label_entropy_bits(labels, num_classes) - cross_entropy_nats / math.log(2)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, roles: dict[str, str] | None = None,
+           device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+    """Verify one encoder on ``tasks``; writes ``OUT/verify.json`` and ``OUT/summary.md``.
+
+    Returns one record per task x attacker x seed.
+    """
+    from privenc.train import resolve_device
+
+    torch_device = resolve_device(device)
+    encoder = load_encoder_spec(encoder_spec, config, torch_device)
+    snapshot = _freeze(encoder.module)
+    settings = encoder.config.verify
+    lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
+    roles = roles or _roles_from_run(encoder.config, tasks)
+    records: list[dict[str, Any]] = []
+    for task in tasks:
+        data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
+        encoded = encode_task(encoder.module, data, settings.views, settings.batch_size, torch_device, progress)
+        channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
+        for family in settings.attackers:
+            for seed in settings.seeds:
+                torch.manual_seed(seed)
+                model = build_attacker(family, encoder.config.classifier, channels, encoded.num_classes, size)
+                result = fit_classifier(model, encoded, settings, lr, seed, torch_device, family, progress,
+                                        label=f"{encoder.name}/{task}/{family}/{seed}")
+                record = {
+                    "encoder": encoder.name, "encoder_kind": encoder.kind, "task": task,
+                    "role": roles.get(task, "other"),
+                    "chance": _majority_rate(encoded.y["test"], encoded.num_classes),
+                    "n_train": int(len(encoded.y["train"]) // settings.views),
+                    "n_val": int(len(encoded.y["val"])), "n_test": int(len(encoded.y["test"])),
+                    **asdict(result),
+                    "info_bits": information_bits(encoded.y["test"], encoded.num_classes, result.test_ce_best),
+                }
+                records.append(record)
+                log.info("%s %s %s seed %d: test acc %.3f (best-val model), %s after %d iterations",
+                         encoder.name, task, family, seed, result.test_acc_best,
+                         "saturated" if result.saturated else "NOT saturated", result.iters)
+    assert_unchanged(encoder.module, snapshot, encoder.name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "verify.json", json.dumps(records, indent=1) + "\n")
+    atomic_write_text(out_dir / "summary.md", summarize(records))
+    return records
+
+
+def _roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
+    roles = {t: "private" for t in config.train.private}
+    roles.update({t: "desirable" for t in config.train.desirable})
+    return {t: roles.get(t, "other") for t in tasks}
+
+
+def _majority_rate(labels: torch.Tensor, num_classes: int) -> float:
+    return float(torch.bincount(labels, minlength=num_classes).max()) / len(labels)
+
+
+def strongest(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (encoder, task): the attacker with the highest best-validation accuracy (never
+    selected on test). Privacy of a private task is judged by this attacker."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        key = (record["encoder"], record["task"])
+        if key not in best or record["val_acc_best"] > best[key]["val_acc_best"]:
+            best[key] = record
+    return best
+
+
+def summarize(records: list[dict[str, Any]]) -> str:
+    lines = ["| encoder | task | role | attacker | seed | val acc | test acc | test acc (final) | bits | iterations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['encoder']} | {r['task']} | {r['role']} | {r['attacker']} | {r['seed']} "
+                     f"| {r['val_acc_best']:.3f} | {r['test_acc_best']:.3f} | {r['test_acc_final']:.3f} "
+                     f"| {r['info_bits']:.3f} | {r['iters']}{'' if r['saturated'] else ' (not saturated)'} |")
+    lines += ["", "Strongest attacker per encoder and task (selected by validation accuracy):", "",
+              "| encoder | task | role | test acc | chance | saturated |", "|---|---|---|---|---|---|"]
+    for (enc, task), r in strongest(records).items():
+        lines.append(f"| {enc} | {task} | {r['role']} | {r['test_acc_best']:.3f} | {r['chance']:.3f} "
+                     f"| {'yes' if r['saturated'] else 'no'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""Each loss against a hand computation on small explicit logits (Sec. 3 of the paper)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from privenc.losses import (
+    classifier_loss,
+    encoder_private_loss,
+    label_flip,
+    negative_ce,
+    soft_cross_entropy,
+    standard_gan,
+)
+
+
+def log_softmax(row: list[float]) -> list[float]:
+    """Plain-Python log-softmax, independent of the torch code under test."""
+    log_z = math.log(sum(math.exp(v) for v in row))
+    return [v - log_z for v in row]
+
+
+BINARY = [[2.0, 0.5], [-1.0, 1.0], [0.3, 0.2]]
+"""Predictions: class 0, class 1, class 0."""
+BINARY_LABELS = [0, 0, 1]
+
+THREE_WAY = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+"""Predictions: class 1, class 2."""
+THREE_WAY_LABELS = [0, 2]
+
+
+def test_classifier_loss_is_cross_entropy_on_true_labels() -> None:
+    expected = -sum(log_softmax(row)[y] for row, y in zip(BINARY, BINARY_LABELS)) / 3
+    got = classifier_loss(torch.tensor(BINARY), torch.tensor(BINARY_LABELS))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_soft_cross_entropy_by_hand() -> None:
+    logits = [[1.0, 0.0, -1.0]]
+    target = [[0.25, 0.25, 0.5]]
+    lp = log_softmax(logits[0])
+    expected = -(0.25 * lp[0] + 0.25 * lp[1] + 0.5 * lp[2])
+    assert soft_cross_entropy(torch.tensor(logits), torch.tensor(target)).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_label_flip_binary_targets_the_opposite_of_the_prediction() -> None:
+    # Labels play no part: predictions 0, 1, 0 give targets 1, 0, 1.
+    lp = [log_softmax(row) for row in BINARY]
+    expected = -(lp[0][1] + lp[1][0] + lp[2][1]) / 3
+    assert label_flip(torch.tensor(BINARY)).item() == pytest.approx(expected, abs=1e-6)
+    assert encoder_private_loss("label_flip", torch.tensor(BINARY), torch.tensor(BINARY_LABELS)).item() == \
+        pytest.approx(expected, abs=1e-6)
+
+
+def test_label_flip_k_way_is_uniform_over_the_other_classes() -> None:
+    lp = [log_softmax(row) for row in THREE_WAY]
+    row0 = -(lp[0][0] + lp[0][2]) / 2  # argmax 1
+    row1 = -(lp[1][0] + lp[1][1]) / 2  # argmax 2
+    assert label_flip(torch.tensor(THREE_WAY)).item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+
+
+def test_label_flip_gradient_flows_to_logits_but_not_through_the_argmax() -> None:
+    logits = torch.tensor(BINARY, requires_grad=True)
+    label_flip(logits).backward()
+    assert logits.grad is not None
+    # d/dz of mean_b CE(z_b, t_b) is (softmax(z_b) - t_b) / B with t fixed: the target chosen by
+    # the argmax acts as a constant.
+    targets = [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    for b, row in enumerate(BINARY):
+        probs = [math.exp(v) for v in log_softmax(row)]
+        for k in range(2):
+            assert logits.grad[b, k].item() == pytest.approx((probs[k] - targets[b][k]) / 3, abs=1e-6)
+
+
+def test_label_flip_minimum_is_an_uncertain_classifier() -> None:
+    # Binary: a confident classifier (either way) costs more than an uncertain one, which is
+    # the point of the loss (Sec. 3): no confident mistakes for an attacker to invert.
+    uncertain = label_flip(torch.tensor([[0.0, 0.0]])).item()
+    assert uncertain == pytest.approx(math.log(2), abs=1e-6)
+    assert label_flip(torch.tensor([[3.0, 0.0]])).item() > uncertain
+    assert label_flip(torch.tensor([[0.0, 3.0]])).item() > uncertain
+
+
+def test_standard_gan_binary_targets_the_flipped_true_label() -> None:
+    lp = [log_softmax(row) for row in BINARY]
+    expected = -(lp[0][1] + lp[1][1] + lp[2][0]) / 3
+    got = standard_gan(torch.tensor(BINARY), torch.tensor(BINARY_LABELS))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    assert encoder_private_loss("standard_gan", torch.tensor(BINARY), torch.tensor(BINARY_LABELS)).item() == \
+        pytest.approx(expected, abs=1e-6)
+
+
+def test_standard_gan_k_way_is_uniform_over_the_wrong_classes() -> None:
+    lp = [log_softmax(row) for row in THREE_WAY]
+    row0 = -(lp[0][1] + lp[0][2]) / 2  # true label 0
+    row1 = -(lp[1][0] + lp[1][1]) / 2  # true label 2
+    got = standard_gan(torch.tensor(THREE_WAY), torch.tensor(THREE_WAY_LABELS))
+    assert got.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+
+
+def test_negative_ce_is_minus_the_classifier_loss() -> None:
+    logits, labels = torch.tensor(THREE_WAY), torch.tensor(THREE_WAY_LABELS)
+    lp = [log_softmax(row) for row in THREE_WAY]
+    expected = (lp[0][0] + lp[1][2]) / 2
+    assert negative_ce(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(negative_ce(logits, labels), -classifier_loss(logits, labels))
+    assert encoder_private_loss("negative_ce", logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_encoder_loss_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match="label_flip, standard_gan, negative_ce"):
+        encoder_private_loss("wasserstein", torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))

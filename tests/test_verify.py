@@ -1,0 +1,145 @@
+"""Verification: saturation logic, the frozen encoder, baselines, grid resumption, report."""
+
+import json
+
+import pytest
+import torch
+
+from privenc.grid import cell_dir, collect, run_grid
+from privenc.models import BlurEncoder
+from privenc.report import build_report, equalize
+from privenc.train import train
+from privenc.verify import Saturation, information_bits, label_entropy_bits, verify
+
+
+def _events(curve, patience=2, min_delta=0.01):
+    saturation = Saturation(patience, min_delta)
+    return [saturation.update(acc) for acc in curve]
+
+
+def test_saturation_plateau_then_drop_then_second_plateau():
+    events = _events([0.6, 0.7, 0.7, 0.705, 0.8, 0.8, 0.8])
+    # improvement, improvement, 1 without, 2 without -> drop; then 0.8 improves, 2 without -> stop
+    assert events == ["continue", "continue", "continue", "drop", "continue", "continue", "stop"]
+
+
+def test_saturation_improvements_smaller_than_min_delta_do_not_count():
+    assert _events([0.5, 0.505, 0.509], patience=2, min_delta=0.01) == ["continue", "continue", "drop"]
+
+
+def test_saturation_keeps_the_best_across_the_drop():
+    # after the drop the curve must beat 0.9 by min_delta, not just its own start
+    assert _events([0.9, 0.5, 0.5, 0.6, 0.7], patience=2) == ["continue", "continue", "drop", "continue", "stop"]
+
+
+def test_saturation_never_stops_on_a_rising_curve():
+    assert set(_events([0.1 * i for i in range(10)])) == {"continue"}
+
+
+def test_information_estimate():
+    labels = torch.tensor([0, 1, 0, 1])
+    assert label_entropy_bits(labels, 2) == pytest.approx(1.0)
+    # an attacker at chance (CE = ln 2) learns nothing; a perfect one (CE = 0) learns 1 bit
+    assert information_bits(labels, 2, 0.6931471805599453) == pytest.approx(0.0, abs=1e-9)
+    assert information_bits(labels, 2, 0.0) == pytest.approx(1.0)
+
+
+def test_blur_baseline_on_a_tiny_image():
+    image = torch.zeros(1, 1, 16, 16)
+    image[0, 0, :, 8:] = 1.0  # right half white
+    blur = BlurEncoder(16, 2, in_channels=1)
+    out = blur(image)
+    assert out.shape == (1, 1, 2, 2)
+    # window 9 (round(120/224*16) = 9), samples at pixel 4 and 12 of each axis
+    left = sum(1.0 for x in range(0, 9) if x >= 8) / 9  # columns 0..8 around x=4, one of them white
+    right = sum(1.0 for x in range(8, 16) if x >= 8) / 8  # columns 8..15 (clipped) around x=12
+    assert torch.allclose(out[0, 0, :, 0], torch.tensor([left, left]), atol=1e-6)
+    assert torch.allclose(out[0, 0, :, 1], torch.tensor([right, right]), atol=1e-6)
+
+
+@pytest.fixture
+def trained_run(tiny_config, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "lf"
+    train(tiny_config, run, progress=False)
+    return run
+
+
+def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_config, trained_run, tmp_path,
+                                                                            monkeypatch):
+    import privenc.verify as verify_module
+
+    frozen = {}
+    real = verify_module.assert_unchanged
+
+    def spy(module, snapshot, name):
+        frozen["params"] = [p.requires_grad for p in module.parameters()]
+        frozen["training"] = module.training
+        real(module, snapshot, name)
+
+    monkeypatch.setattr(verify_module, "assert_unchanged", spy)
+    before = (trained_run / "encoder.pt").read_bytes()
+    records = verify(str(trained_run), tiny_config, ["g1c0", "g1c2"], tmp_path / "v", progress=False)
+    assert frozen == {"params": [False] * len(frozen["params"]), "training": False}
+    assert (trained_run / "encoder.pt").read_bytes() == before
+    assert [(r["task"], r["role"]) for r in records] == [("g1c0", "private"), ("g1c2", "other")]
+    for r in records:
+        assert 0 <= r["test_acc_best"] <= 1 and r["iters"] <= 12 and r["curve"]
+        assert r["curve"][0][0] == 2  # evaluated every eval_every iterations
+    saved = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert saved == json.loads(json.dumps(records))
+    assert "Strongest attacker" in (tmp_path / "v" / "summary.md").read_text()
+
+
+def test_verify_detects_a_changed_encoder(tiny_config, trained_run, tmp_path, monkeypatch):
+    import privenc.verify as verify_module
+
+    real = verify_module.encode_task
+
+    def tampering(encoder, *args, **kwargs):
+        with torch.no_grad():
+            next(encoder.parameters()).add_(1.0)
+        return real(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "encode_task", tampering)
+    with pytest.raises(AssertionError, match="changed during verification"):
+        verify(str(trained_run), tiny_config, ["g1c0"], tmp_path / "v", progress=False)
+
+
+def test_not_saturated_is_reported(tiny_config, tmp_path):
+    from dataclasses import replace
+
+    config = replace(tiny_config, verify=replace(tiny_config.verify, patience=50, max_iters=4))
+    records = verify("blur", config, ["g1c0"], tmp_path / "v", progress=False)
+    assert records[0]["saturated"] is False and records[0]["iters"] == 4
+    assert "(not saturated)" in (tmp_path / "v" / "summary.md").read_text()
+
+
+def test_grid_skips_finished_cells_and_report_holds_the_numbers(tiny_config, trained_run, tmp_path, monkeypatch):
+    grid = tmp_path / "grid"
+    records = run_grid([str(trained_run), "identity"], ["g1c0", "g1c1"], tiny_config, grid)
+    assert len(records) == 4
+    assert all((cell_dir(grid, e, t) / "verify.json").exists() for e in (str(trained_run), "identity")
+               for t in ("g1c0", "g1c1"))
+
+    import privenc.grid as grid_module
+
+    ran = []
+    monkeypatch.setattr(grid_module, "_run_cell", lambda spec, task, *a: ran.append((spec, task)))
+    (cell_dir(grid, "identity", "g1c1") / "verify.json").unlink()
+    run_grid([str(trained_run), "identity"], ["g1c0", "g1c1"], tiny_config, grid)
+    assert ran == [("identity", "g1c1")]
+
+    report = build_report([trained_run, grid], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    for record in collect(grid):
+        assert f"{record['test_acc_best']:.3f}" in text
+    assert report["table1"][0]["verified_test"] is not None
+    assert (tmp_path / "report" / "figure1_g1c0.png").exists() and (tmp_path / "report" / "figure3.png").exists()
+    assert "−" in text and "+" in text  # private and desirable cells are marked
+
+
+def test_equalize_is_rank_per_location():
+    values = torch.tensor([[[[1.0, 10.0]]], [[[3.0, -5.0]]], [[[2.0, 0.0]]]]).numpy()  # (3, 1, 1, 2)
+    eq = equalize(values)
+    assert eq[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.5]
+    assert eq[:, 0, 0, 1].tolist() == [1.0, 0.0, 0.5]
