@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from privenc.config import ConfigError, load_config
     from privenc.train import train
 
+    if args.device:
+        args.overrides.append(f"train.device={args.device}")
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.toml"
@@ -101,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
-    print(f"encoder written to {path}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"encoder written to {path}")
     return 0
 
 
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume and --set: accept a changed config (the differences are listed)")
+    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N; "
+                                    "shorthand for --set train.device=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -239,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
+
+    from privenc.deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
 
     p = sub.add_parser("config", help="print the resolved config as TOML, or list presets",
                        description="Print the resolved configuration (defaults < preset/file < --set).")

@@ -263,13 +263,13 @@ def from_dict(raw: dict[str, Any]) -> Config:
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table of keys, got {type(values).__name__}")
-        sections[name] = _build_section(name, cls, values)
+        sections[name] = build_section(name, cls, values)
     config = Config(**sections)
     validate(config)
     return config
 
 
-def _build_section(section: str, cls: type, values: dict[str, Any]):
+def build_section(section: str, cls: type, values: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

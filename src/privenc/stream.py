@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 class BatchStream:
     """``next(stream)`` returns the next collated batch; the last partial batch of an epoch is
-    dropped so every batch has ``batch_size`` items (per-location statistics need it)."""
+    dropped so every batch has ``batch_size`` items (per-location statistics need it). Under
+    data parallelism ``batch_size`` is the global batch and each rank gets its share."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.dataset = dataset
         self.size = len(dataset)  # type: ignore[arg-type]
         if self.size < batch_size:
@@ -27,7 +28,10 @@ class BatchStream:
                 f"the training pool has {self.size} images, fewer than one batch of {batch_size}: "
                 "lower the batch size or add data"
             )
+        if batch_size % world_size:
+            raise ValueError(f"the global batch size {batch_size} is not divisible by the {world_size} ranks")
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -42,7 +46,11 @@ class BatchStream:
     def _start_epoch_iterator(self) -> None:
         order = self._permutation(self.epoch)
         last = self.size - self.batch_size
-        batches = [order[i:i + self.batch_size].tolist() for i in range(self.position, last + 1, self.batch_size)]
+        # Every rank walks the same global batches and takes its own contiguous share of each.
+        share = self.batch_size // self.world_size
+        lo, hi = self.rank * share, (self.rank + 1) * share
+        batches = [order[i:i + self.batch_size][lo:hi].tolist()
+                   for i in range(self.position, last + 1, self.batch_size)]
         # A private generator: creating a DataLoader iterator draws a base seed, and drawing it
         # from the global RNG would make a resumed run diverge from an uninterrupted one.
         workers_seed = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.position)

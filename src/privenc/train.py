@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc import checkpoint as ckpt
+from privenc import distributed
 from privenc.adversarial import Players, classifier_step, encoder_step, evaluate
 from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
@@ -43,10 +45,12 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, an unusable run folder)."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; under torchrun, this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested but CUDA is not available")
@@ -94,26 +98,37 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
     t = config.train
     run_dir = Path(run_dir)
-    device = resolve_device(t.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if not resume:
+    world = distributed.setup(t.device)
+    device = resolve_device(t.device, world.local_rank if world.distributed else None)
+    if world.is_main and not resume:
         write_run_config(config, run_dir)
 
-    # ---- data: one pool per split, labels = one column per task (private first)
-    data = prepare(config.data, [*t.private, *t.desirable], run_dir=run_dir)
-    data.write(run_dir)
+    # ---- data: one pool per split, labels = one column per task (private first). Rank 0
+    # prepares first (it may build the image cache), the other ranks then read what it wrote.
+    specs = [*t.private, *t.desirable]
+    if world.is_main:
+        data = prepare(config.data, specs, run_dir=run_dir)
+        data.write(run_dir)
+    distributed.barrier(world)
+    if not world.is_main:
+        data = prepare(config.data, specs, run_dir=run_dir)
     n_private = len(t.private)
     seed_everything(t.seed)
     stream = BatchStream(data.dataset("train", augment=True), t.batch_size, seed=t.seed,
-                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
-    val_batches = _validation_batches(data, t.batch_size, t.val_batches)
+                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+                         rank=world.rank, world_size=world.size)
+    val_batches = _validation_batches(data, t.batch_size, t.val_batches) if world.is_main else []
 
-    # ---- models and optimizers
+    # ---- models and optimizers (identical initial weights on every rank: same seed)
     players = build_players(config, data, n_private)
     for module in [players.encoder, *players.classifiers()]:
         module.to(device)
         if t.channels_last and device.type == "cuda":
             module.to(memory_format=torch.channels_last)
+    classifier_players, encoder_players = _data_parallel(players, world, device)
+    if world.distributed:
+        torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
+
     def to_device(batch):
         return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None)
 
@@ -123,12 +138,14 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     step = 0
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if resume:
-        step = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream)
-        _truncate_metrics(run_dir / METRICS_FILE, step)
+        step = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
+        if world.is_main:
+            _truncate_metrics(run_dir / METRICS_FILE, step)
         log.info("resumed %s at step %d", run_dir, step)
 
     total = t.warmup_iters + t.iters
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not (progress and world.is_main), desc="train", unit="it",
+               dynamic_ncols=True)
     sums: dict[str, float] = {}
     counted = 0
     started = time.time()
@@ -136,7 +153,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         images, private_labels, desirable_labels = to_device(next(stream))
 
         # (1) classifiers: cross-entropy on true labels, encoder fixed (warm-up: this step only)
-        stats = classifier_step(players, classifier_opt, images, private_labels, desirable_labels, t.amp)
+        stats = classifier_step(classifier_players, classifier_opt, images, private_labels, desirable_labels, t.amp)
 
         # (2) encoder: private term + alpha * desirable CE, classifiers fixed, a different batch
         if step >= t.warmup_iters:
@@ -144,12 +161,16 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             for group in encoder_opt.param_groups:
                 group["lr"] = lr
             images, private_labels, desirable_labels = to_device(next(stream))
-            stats.update(encoder_step(players, encoder_opt, images, private_labels, desirable_labels,
+            stats.update(encoder_step(encoder_players, encoder_opt, images, private_labels, desirable_labels,
                                       t.encoder_loss, t.alpha, t.amp))
         step += 1
 
         values = {k: float(v) for k, v in stats.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if world.distributed:  # every rank stops together, or the others would hang
+            flag = torch.tensor([float(bool(bad))], device=device)
+            torch.distributed.all_reduce(flag)
+            bad = bad or (["a loss on another rank"] if flag.item() else [])
         if bad:
             last = checkpoint_path if checkpoint_path.exists() else None
             raise TrainingError(
@@ -163,7 +184,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         bar.update(1)
 
         # ---- logging: running means since the last log, validation, collapse diagnostics
-        if step % t.log_every == 0 or step == total:
+        if world.is_main and (step % t.log_every == 0 or step == total):
             record: dict[str, Any] = {
                 "step": step,
                 "phase": "warmup" if step <= t.warmup_iters else "adversarial",
@@ -179,13 +200,42 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
         # ---- checkpoint: full state, atomically
         if step % t.checkpoint_every == 0 or step == total:
-            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream)
+            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream, world)
     bar.close()
 
     encoder_path = run_dir / ENCODER_FILE
-    save_encoder(encoder_path, config, players.encoder, step)
-    log.info("encoder saved to %s", encoder_path)
+    if world.is_main:
+        save_encoder(encoder_path, config, players.encoder, step)
+        log.info("encoder saved to %s", encoder_path)
+    distributed.barrier(world)
     return encoder_path
+
+
+def _data_parallel(players: Players, world: distributed.World, device: torch.device) -> tuple[Players, Players]:
+    """The players as each step sees them. Without distribution both are ``players``. Under
+    torchrun, the classifier step goes through DistributedDataParallel wrappers of the
+    classifiers (their gradients are averaged over ranks) and the encoder step through a wrapper
+    of the encoder; each step calls the other side's plain module, which is fixed there."""
+    if not world.distributed:
+        return players, players
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    def wrap(module, broadcast_buffers=True):
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; older torch lacks the new name
+            warnings.simplefilter("ignore", FutureWarning)
+            return DDP(module, device_ids=ids, broadcast_buffers=broadcast_buffers)
+
+    classifier_side = Players(
+        players.encoder,
+        nn.ModuleList(wrap(c) for c in players.private_classifiers),
+        wrap(players.desirable_classifier) if players.desirable_classifier is not None else None,
+    )
+    # Per-location statistics are already global (all-reduced), so the encoder's running
+    # buffers agree on every rank without a broadcast.
+    encoder_side = Players(wrap(players.encoder, broadcast_buffers=False), players.private_classifiers,
+                           players.desirable_classifier)
+    return classifier_side, encoder_side
 
 
 # --------------------------------------------------------------------------- helpers of the loop
@@ -231,7 +281,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
                      classifier_opt: torch.optim.Optimizer, encoder_opt: torch.optim.Optimizer,
-                     stream: BatchStream) -> None:
+                     stream: BatchStream, world: distributed.World) -> None:
+    rng_states = distributed.gather_objects(world, ckpt.rng_state())  # a collective: every rank calls it
+    if not world.is_main:
+        return
     payload = {
         "step": step,
         "config": config.to_dict(),
@@ -241,7 +294,8 @@ def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
         "classifier_optimizer": classifier_opt.state_dict(),
         "encoder_optimizer": encoder_opt.state_dict(),
         "stream": stream.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rng_states[0],
+        "rng_ranks": rng_states,
     }
     ckpt.save(path, payload)
 
@@ -251,7 +305,7 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
-             encoder_opt: torch.optim.Optimizer, stream: BatchStream) -> int:
+             encoder_opt: torch.optim.Optimizer, stream: BatchStream, world: distributed.World) -> int:
     payload = ckpt.load(path)
     ckpt.load_state(players.encoder, payload["encoder"], f"{path}: encoder")
     ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{path}: private classifiers")
@@ -260,7 +314,13 @@ def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer
     classifier_opt.load_state_dict(payload["classifier_optimizer"])
     encoder_opt.load_state_dict(payload["encoder_optimizer"])
     stream.load_state_dict(payload["stream"])
-    ckpt.set_rng_state(payload["rng"])
+    states = payload.get("rng_ranks", [payload["rng"]])
+    if len(states) != world.size:
+        log.warning("%s was written by %d rank(s), resuming on %d: the random streams restart per rank "
+                    "(weights, optimizers and data order are restored exactly)", path, len(states), world.size)
+        torch.manual_seed(int(payload["step"]) * 7919 + world.rank)
+    else:
+        ckpt.set_rng_state(states[world.rank])
     return int(payload["step"])
 
 
@@ -280,8 +340,9 @@ def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int) -> N
 
 
 def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load a trained encoder (strictly) from a run folder or an encoder file, in eval mode."""
-    from privenc.config import EncoderConfig, _build_section
+    """Load a trained encoder (strictly) from a run folder or an encoder file, in eval mode.
+    Every way a file can be wrong becomes a CheckpointError that names it."""
+    from privenc.config import ConfigError, EncoderConfig, build_section
 
     path = Path(run_or_file)
     if path.is_dir():
@@ -289,7 +350,12 @@ def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encod
     payload = ckpt.load(path, map_location=device)
     if payload.get("kind") != "learned":
         raise ckpt.CheckpointError(f"{path}: not an encoder file (kind={payload.get('kind')!r})")
-    encoder_cfg = _build_section("encoder", EncoderConfig, payload["encoder_config"])
-    encoder = Encoder(encoder_cfg, int(payload["image_size"]))
+    try:
+        encoder_cfg = build_section("encoder", EncoderConfig, payload["encoder_config"])
+        encoder = Encoder(encoder_cfg, int(payload["image_size"]))
+    except KeyError as err:
+        raise ckpt.CheckpointError(f"{path}: encoder file without {err}") from None
+    except (ConfigError, ValueError, TypeError) as err:
+        raise ckpt.CheckpointError(f"{path}: the encoder it describes cannot be built: {err}") from None
     ckpt.load_state(encoder, payload["state_dict"], f"{path}: encoder")
     return encoder.to(device).eval()

@@ -45,7 +45,7 @@ class CsvSource(FileSource):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DataError(f"CSV manifest {csv_path} does not exist or is not a file")
-        header, rows = _read_csv(csv_path)
+        header, rows = read_csv(csv_path)
         if PATH_COLUMN not in header:
             raise DataError(
                 f"{csv_path}: no {PATH_COLUMN!r} column; columns are {', '.join(header) or '(none)'}"
@@ -69,7 +69,7 @@ class CsvSource(FileSource):
             for col in (path_col, cat_col):
                 if not row[col]:
                     raise DataError(f"{csv_path}:{lineno}: empty cell in column {header[col]!r}")
-            rel = _relative_path(row[path_col], csv_path, lineno)
+            rel = relative_path(row[path_col], csv_path, lineno)
             if rel in first_line:
                 raise DataError(
                     f"{csv_path}:{lineno}: duplicated path {row[path_col]!r} (also on line {first_line[rel]})"
@@ -105,7 +105,7 @@ class CsvSource(FileSource):
         log.info("CSV %s: %d images, attributes %s", csv_path, len(ids), ", ".join(attributes))
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, stripped cells) of each non-blank row; ragged rows are errors."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -133,7 +133,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _relative_path(path: str, csv_path: Path, lineno: int) -> str:
+def relative_path(path: str, csv_path: Path, lineno: int) -> str:
     """Normalize a manifest path and refuse one that leaves the CSV's folder.
 
     The check is lexical (``a/../../x`` is caught; a symlink inside the folder is trusted), so

@@ -77,6 +77,8 @@ PIXEL_NOISE = 0.04
 TEXTURE_PERIOD = 0.25
 """Grating period (unit coordinates: 4.5 px at 36 px, far below the Naive Blur box width)."""
 TEXTURE_AMPLITUDE = (0.10, 0.18)
+TEXTURE_JITTER = 0.07
+"""Orientation jitter (radians, uniform +-); orientations are pi/8 apart."""
 OBJECT_RADIUS = (0.2, 0.27)
 """Object size range (unit coordinates: 3.6-4.9 px at 36 px)."""
 OBJECT_SLOTS = 5
@@ -241,7 +243,7 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
     p["wave_amplitude"] = draw(9, -1, 1).reshape(-1, 3, 3) * NUISANCE_AMPLITUDE * np.sqrt(3)  # (B, wave, channel)
 
     # texture: luminance grating at the category's orientation
-    theta = np.pi * texture / len(TEXTURES) + draw(low=-0.07, high=0.07)
+    theta = np.pi * texture / len(TEXTURES) + draw(low=-TEXTURE_JITTER, high=TEXTURE_JITTER)
     period = TEXTURE_PERIOD * draw(low=0.9, high=1.1)
     phase, amp = draw(low=0, high=2 * np.pi), draw(low=TEXTURE_AMPLITUDE[0], high=TEXTURE_AMPLITUDE[1]) * has_texture
     p["texture"] = np.stack([np.cos(theta) / period, np.sin(theta) / period, phase, amp], 1)

@@ -1,0 +1,63 @@
+"""Data-parallel training with PyTorch's own distributed engine (torchrun).
+
+``torchrun --nproc_per_node N -m privenc train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE;
+:func:`setup` then joins the process group (NCCL on GPUs, gloo on CPUs). Every rank takes its
+share of each global batch; per-location batch norm all-reduces its statistics (models.py), so
+the global batch is normalized as one process would normalize it; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup(device: str) -> World:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(world: World, obj):
+    """Every rank's ``obj`` as a list on every rank (a list of one without distribution)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out

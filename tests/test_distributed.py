@@ -1,0 +1,58 @@
+"""Scale-out under torchrun with 2 CPU processes (gloo): data-parallel training, resume under
+DDP, and a grid whose cells are spread over ranks. (Per-location statistics across ranks are
+checked against one process in test_models.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import TINY
+from privenc import checkpoint as ckpt
+from privenc.grid import cell_dir
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "privenc", "-q", *args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _sets(extra=()):
+    return [x for s in [*TINY, *extra] for x in ("--set", s.replace(" ", ""))]
+
+
+def test_data_parallel_training_and_resume(tmp_path):
+    run = tmp_path / "run"
+    out = _torchrun("train", *_sets(), "--out", str(run), "--no-progress")
+    assert out.stdout.count("encoder written") == 1  # only rank 0 speaks and writes
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9]
+    state = ckpt.load(run / "checkpoints" / "last.pt")
+    assert state["step"] == 9 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+
+    _torchrun("train", "--resume", str(run), "--set", "train.iters=9", "--allow-config-change", "--no-progress")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12]
+    assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
+
+
+def test_grid_cells_are_spread_over_ranks_and_run_once(tmp_path):
+    grid = tmp_path / "grid"
+    tasks = ["g1c0", "g1c1", "g1c2"]
+    out = _torchrun("grid", "--encoders", "identity", "blur", "--tasks", *tasks, "--out", str(grid), *_sets(),
+                    "--device", "cpu")
+    cells = [cell_dir(grid, e, t) / "verify.json" for e in ("identity", "blur") for t in tasks]
+    assert all(c.exists() for c in cells)
+    assert all(len(json.loads(c.read_text())) == 1 for c in cells)
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    _torchrun("grid", "--encoders", "identity", "blur", "--tasks", *tasks, "--out", str(grid), *_sets(),
+              "--device", "cpu")
+    assert [c.stat().st_mtime_ns for c in cells] == mtimes  # a rerun skips finished cells
+    assert out.returncode == 0
