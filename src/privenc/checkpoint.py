@@ -29,17 +29,43 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``:
     a crash at any point leaves either the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _naming(err, f"cannot write {path}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # disk full, quota, I/O error: say which file, and what is left
+            raise _naming(err, f"cannot write {path}", f"; the previous {path.name}, if any, is unchanged") from None
         raise
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and write and remove a probe file in it, so that a command whose
+    results are written at the end (verification, a training run) fails before its work
+    starts rather than after hours of it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".privenc-write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise _naming(err, f"the output folder {folder} is not writable") from None
+
+
+def _naming(err: OSError, what: str, tail: str = "") -> OSError:
+    """The same kind of OSError (same errno, so ``except PermissionError`` still works), with a
+    message that names the file: a bare "[Errno 28] No space left on device" names nothing."""
+    message = f"{what}: {err.strerror or err}{tail}"
+    return OSError(err.errno, message) if err.errno is not None else OSError(message)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

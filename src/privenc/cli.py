@@ -74,8 +74,9 @@ def _with_source(config, source: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from privenc import checkpoint as ckpt
     from privenc.config import ConfigError, load_config
-    from privenc.train import train
+    from privenc.train import CHECKPOINT_FILE, train
 
     if args.device:
         args.overrides.append(f"train.device={args.device}")
@@ -84,23 +85,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = run_dir / "config.toml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} does not exist (is {run_dir} a training run folder?)")
-        config = load_config(str(saved))
-        if args.overrides:
-            changed = load_config(str(saved), args.overrides)
-            diff = _config_diff(config.to_dict(), changed.to_dict())
-            if diff and not args.allow_config_change:
-                raise ConfigError("refusing to resume with a changed config (pass --allow-config-change to "
-                                  "accept):\n  " + "\n  ".join(diff))
-            config = changed
-            if diff:
-                config_path = run_dir / "config.toml"
-                config_path.write_text(config.to_toml())
+        checkpoint = run_dir / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise ConfigError(f"cannot resume {run_dir}: it has no checkpoint yet ({checkpoint}; stopped before "
+                              f"the first one); start it again with --out {run_dir}")
+        config = load_config(str(saved), args.overrides)
+        # Compare with what the checkpoint was trained with, not only with config.toml: an edited
+        # config.toml would otherwise change the run silently.
+        diff = _config_diff(ckpt.load(checkpoint)["config"], config.to_dict())
+        if diff and not args.allow_config_change:
+            raise ConfigError(f"refusing to resume with a changed config (pass --allow-config-change to accept; "
+                              f"the checkpoint {checkpoint} was trained with the left-hand values):\n  "
+                              + "\n  ".join(diff))
+        if diff:
+            log.warning("resuming %s with a changed config:\n  %s", run_dir, "\n  ".join(diff))
+            ckpt.atomic_write_text(saved, config.to_toml())
         path = train(config, run_dir, resume=True, progress=not args.no_progress)
     else:
         if not args.out:
             raise ConfigError("privenc train needs --out RUN (a new run folder) or --resume RUN")
         run_dir = Path(args.out)
-        if (run_dir / "checkpoints").exists():
+        if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
@@ -110,8 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
-    return [f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
-            for section in old for key in old[section] if old[section][key] != new[section][key]]
+    keys = [(section, key) for section in new for key in new[section]]
+    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section][key]!r}"
+            for section, key in keys if old.get(section, {}).get(key) != new[section][key]]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -263,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     from privenc.config import ConfigError
     from privenc.data.base import DataError
     from privenc.train import TrainingError
+    from privenc.verify import VerificationError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    # OSError: a missing file, a full disk, an unwritable folder (the writers name the file)
+    except (ConfigError, DataError, CheckpointError, TrainingError, VerificationError, OSError) as err:
         print(f"privenc: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -420,9 +420,11 @@ def git_revision() -> str | None:
 
 
 def write_run_config(config: Config, run_dir: Path) -> None:
-    """Record the resolved config (config.toml) and provenance (meta.json) in a run folder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
+    """Record the resolved config (config.toml) and provenance (meta.json) in a run folder
+    (atomically: a crash mid-write must not leave a half config that a resume would read)."""
+    from privenc.checkpoint import atomic_write_text  # imports torch: not at module level
+
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
     meta = {"git_revision": git_revision(), "python": sys.version.split()[0]}
     try:
         import torch
@@ -430,4 +432,4 @@ def write_run_config(config: Config, run_dir: Path) -> None:
         meta["torch"] = torch.__version__
     except ImportError:  # pragma: no cover
         pass
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")

@@ -375,7 +375,8 @@ def _claim_output(out_dir: Path, record: dict[str, Any]) -> None:
             raise ConfigError(f"refusing to encode into {out_dir} with other options than its {ENCODE_FILE} "
                               f"records; use a new output folder:\n  " + "\n  ".join(changed))
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    # (a temporary file left by a run killed while it wrote encode.json is not a result)
+    if out_dir.exists() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out_dir.iterdir()):
         raise ConfigError(f"refusing to encode into {out_dir}: it is not empty and has no {ENCODE_FILE}")
     ckpt.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 

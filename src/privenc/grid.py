@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from privenc.checkpoint import atomic_write_text
-from privenc.config import Config, from_dict
+from privenc.checkpoint import atomic_write_text, ensure_writable
+from privenc.config import Config, ConfigError, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,22 @@ def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, devic
 
 def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Path, jobs: int = 1,
              device: str = "auto") -> list[dict[str, Any]]:
-    """Run every missing cell; return the records of all cells (done before or now)."""
+    """Run every missing cell; return the records of all cells (done before or now).
+
+    A rerun with another config is refused: its cells would be mixed with the earlier ones."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cells = [(spec, task) for spec in encoders for task in tasks]
-    atomic_write_text(out_dir / "grid.json", json.dumps({"encoders": encoders, "tasks": tasks}, indent=1) + "\n")
+    config_dict = config.to_dict()
+    _check_same_config(out_dir / "grid.json", config_dict)
+    atomic_write_text(out_dir / "grid.json",
+                      json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
     todo = [(i, spec, task) for i, (spec, task) in enumerate(cells)
-            if i % world == rank and not (cell_dir(out_dir, spec, task) / "verify.json").exists()]
+            if i % world == rank and not _cell_done(cell_dir(out_dir, spec, task))]
     skipped = sum(1 for i in range(len(cells)) if i % world == rank) - len(todo)
     log.info("grid: %d cells, %d already done, %d to run on rank %d/%d with %d job(s)",
              len(cells), skipped, len(todo), rank, world, jobs)
-    config_dict = config.to_dict()
     if jobs <= 1:
         for _, spec, task in todo:
             _run_cell(spec, task, config_dict, str(cell_dir(out_dir, spec, task)), device, torch.get_num_threads())
@@ -68,9 +72,41 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     return collect(out_dir)
 
 
+def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None  # grid.json is rewritten below; the cells are what matter
+    new = json.loads(json.dumps(config_dict))  # as it would read back
+    if old is None or old == new:
+        return
+    diff = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+            for section, values in new.items() for key, value in values.items()
+            if old.get(section, {}).get(key) != value]
+    raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "
+                      f"computed with ({path}); use a new --out, or delete the folder:\n  " + "\n  ".join(diff))
+
+
+def _cell_done(folder: Path) -> bool:
+    """A cell is done when its verify.json holds a complete list of records. It is written
+    atomically, so anything else (a copy cut short, an edited file) is recomputed, never read."""
+    path = folder / "verify.json"
+    if not path.is_file():
+        return False
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("grid: %s is unreadable (%s); recomputing that cell", path, err)
+        return False
+    return isinstance(records, list) and bool(records)
+
+
 def collect(out_dir: Path) -> list[dict[str, Any]]:
     """All records of the finished cells of a grid folder."""
     records: list[dict[str, Any]] = []
     for path in sorted(Path(out_dir).glob("cells/*/verify.json")):
-        records.extend(json.loads(path.read_text()))
+        if _cell_done(path.parent):
+            records.extend(json.loads(path.read_text()))
     return records

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privenc.checkpoint import atomic_write_text
+from privenc.checkpoint import atomic_write_bytes, atomic_write_text, ensure_writable
 from privenc.config import load_config
 from privenc.verify import strongest
 
@@ -46,8 +46,10 @@ def read_folders(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
+    from privenc.train import read_metrics
+
     config = load_config(str(run_dir / "config.toml"))
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
     last = metrics[-1] if metrics else {}
     # Within-training accuracy: mean of the last quarter of the logged validation accuracies,
     # which smooths the oscillation of the two-player game.
@@ -179,9 +181,18 @@ def figure1(records: list[dict[str, Any]], task: str, path: Path) -> Path:
     ax.set_title(f"Verification: attackers trained on fixed encoders — {task}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_figure(fig, path: Path) -> None:
+    """A PNG written atomically, like every other result file (a crash leaves the old one)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def equalize(encodings: np.ndarray) -> np.ndarray:
@@ -231,7 +242,7 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
             ax.set_yticks([])
         axes[row, 0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -241,7 +252,7 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
 
 def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out_dir)
     runs, records = read_folders(inputs)
     if not runs and not records:
         raise FileNotFoundError(f"no training runs (metrics.jsonl) or verification results (verify.json) under "

@@ -100,6 +100,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     run_dir = Path(run_dir)
     world = distributed.setup(t.device)
     device = resolve_device(t.device, world.local_rank if world.distributed else None)
+    if world.is_main:
+        ckpt.ensure_writable(run_dir / "checkpoints")  # fail now, not at the first checkpoint
     if world.is_main and not resume:
         write_run_config(config, run_dir)
 
@@ -137,17 +139,29 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     step = 0
     checkpoint_path = run_dir / CHECKPOINT_FILE
+    total = t.warmup_iters + t.iters
+    encoder_path = run_dir / ENCODER_FILE
+    sums: dict[str, float] = {}  # running sums of the logged values since the last log
+    counted = 0
     if resume:
-        step = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
+        step, sums, counted = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
         if world.is_main:
             _truncate_metrics(run_dir / METRICS_FILE, step)
+            # A process killed while writing a checkpoint leaves its temporary file behind.
+            for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if step >= total and _encoder_written_at(encoder_path, step):
+            log.info("%s is already complete (step %d of %d); nothing to do", run_dir, step, total)
+            distributed.barrier(world)
+            return encoder_path
         log.info("resumed %s at step %d", run_dir, step)
+        if config.data.num_workers > 0 and world.is_main:
+            log.warning("data.num_workers = %d: the resumed run is not bitwise identical to an uninterrupted "
+                        "one (the loader workers restart with new random streams, so the augmentations after "
+                        "step %d differ); use data.num_workers = 0 where that matters", config.data.num_workers, step)
 
-    total = t.warmup_iters + t.iters
     bar = tqdm(total=total, initial=step, disable=not (progress and world.is_main), desc="train", unit="it",
                dynamic_ncols=True)
-    sums: dict[str, float] = {}
-    counted = 0
     started = time.time()
     while step < total:
         images, private_labels, desirable_labels = to_device(next(stream))
@@ -173,8 +187,14 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             bad = bad or (["a loss on another rank"] if flag.item() else [])
         if bad:
             last = checkpoint_path if checkpoint_path.exists() else None
+            broken = [name for name, module in (("encoder", players.encoder),
+                                                ("private classifiers", players.private_classifiers),
+                                                ("desirable classifier", players.desirable_classifier))
+                      if module is not None and not all(torch.isfinite(v).all() for v in module.state_dict().values()
+                                                        if v.is_floating_point())]
             raise TrainingError(
                 f"non-finite {', '.join(bad)} at step {step}; training stopped. "
+                + (f"Non-finite weights in: {', '.join(broken)}. " if broken else "")
                 + (f"The last good checkpoint is {last} (step {_checkpoint_step(last)})." if last
                    else "No checkpoint was written yet.")
             )
@@ -200,10 +220,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
         # ---- checkpoint: full state, atomically
         if step % t.checkpoint_every == 0 or step == total:
-            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream, world)
+            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream, world,
+                             sums, counted)
     bar.close()
 
-    encoder_path = run_dir / ENCODER_FILE
     if world.is_main:
         save_encoder(encoder_path, config, players.encoder, step)
         log.info("encoder saved to %s", encoder_path)
@@ -267,21 +287,39 @@ def _validation_batches(data: TaskData, batch_size: int, count: int) -> list:
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot append to {path}: {err.strerror or err}") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log. A last line cut short (the process was killed or the disk
+    filled during an append) is dropped with a warning; a bad line before it is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise TrainingError(f"{path}:{number}: not a JSON record; the metrics log is corrupt") from None
+            log.warning("%s: dropping its last line, cut short by an interruption: %r", path, line[:80])
+    return records
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so none appears twice."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    ckpt.atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
                      classifier_opt: torch.optim.Optimizer, encoder_opt: torch.optim.Optimizer,
-                     stream: BatchStream, world: distributed.World) -> None:
+                     stream: BatchStream, world: distributed.World, sums: dict[str, float], counted: int) -> None:
     rng_states = distributed.gather_objects(world, ckpt.rng_state())  # a collective: every rank calls it
     if not world.is_main:
         return
@@ -296,6 +334,8 @@ def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
         "stream": stream.state_dict(),
         "rng": rng_states[0],
         "rng_ranks": rng_states,
+        # a checkpoint between two logs: the next record must average the same steps after a resume
+        "running_metrics": {"sums": dict(sums), "count": counted},
     }
     ckpt.save(path, payload)
 
@@ -304,8 +344,18 @@ def _checkpoint_step(path: Path) -> int:
     return int(ckpt.load(path)["step"])
 
 
+def _encoder_written_at(path: Path, step: int) -> bool:
+    """Whether ``path`` is a readable final encoder of ``step`` (a run killed after its last
+    checkpoint but before its encoder file was written still has to write it)."""
+    try:
+        return path.is_file() and int(ckpt.load(path).get("step", -1)) == step
+    except ckpt.CheckpointError:
+        return False
+
+
 def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
-             encoder_opt: torch.optim.Optimizer, stream: BatchStream, world: distributed.World) -> int:
+             encoder_opt: torch.optim.Optimizer, stream: BatchStream,
+             world: distributed.World) -> tuple[int, dict[str, float], int]:
     payload = ckpt.load(path)
     ckpt.load_state(players.encoder, payload["encoder"], f"{path}: encoder")
     ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{path}: private classifiers")
@@ -321,7 +371,8 @@ def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer
         torch.manual_seed(int(payload["step"]) * 7919 + world.rank)
     else:
         ckpt.set_rng_state(states[world.rank])
-    return int(payload["step"])
+    running = payload.get("running_metrics", {"sums": {}, "count": 0})
+    return int(payload["step"]), dict(running["sums"]), int(running["count"])
 
 
 # --------------------------------------------------------------------------- the final encoder
@@ -358,4 +409,9 @@ def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encod
     except (ConfigError, ValueError, TypeError) as err:
         raise ckpt.CheckpointError(f"{path}: the encoder it describes cannot be built: {err}") from None
     ckpt.load_state(encoder, payload["state_dict"], f"{path}: encoder")
+    bad = [key for key, value in payload["state_dict"].items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ckpt.CheckpointError(f"{path}: the encoder holds non-finite values (NaN or Inf) in "
+                                   f"{', '.join(bad[:5])}; its encodings would be meaningless")
     return encoder.to(device).eval()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from privenc.checkpoint import atomic_write_text
+from privenc.checkpoint import atomic_write_text, ensure_writable
 from privenc.config import Config, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
 from privenc.models import build_attacker, build_encoder
@@ -35,6 +35,10 @@ from privenc.models import build_attacker, build_encoder
 log = logging.getLogger(__name__)
 
 BASELINES = ("identity", "blur")
+
+
+class VerificationError(RuntimeError):
+    """Verification cannot give a meaningful number (non-finite encodings or attacker loss)."""
 
 
 # --------------------------------------------------------------------------- saturation
@@ -135,6 +139,10 @@ def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int,
                 chunks.append(encoder(images.to(device)).float().cpu())
                 labels.append(label[:, 0])
         xs[split], ys[split] = torch.cat(chunks), torch.cat(labels)
+        bad = int((~torch.isfinite(xs[split]).flatten(1).all(dim=1)).sum())
+        if bad:  # attackers would train on NaN and report garbage accuracies
+            raise VerificationError(f"the encoder produced non-finite values (NaN or Inf) for {bad} of "
+                                    f"{len(xs[split])} {split} encodings of task {data.tasks[0].name!r}")
     return Encoded(xs, ys, data.tasks[0].num_classes)
 
 
@@ -199,6 +207,9 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         bar.update(1)
         if iteration % settings.eval_every and iteration != settings.max_iters:
             continue
+        if not torch.isfinite(loss):  # checked when evaluating (no GPU sync per step); NaN weights stay NaN
+            raise VerificationError(f"{label or family}: non-finite attacker loss by iteration {iteration} "
+                                    f"(lr {optimizer.param_groups[0]['lr']:g}); its accuracies would be meaningless")
         val_acc, _ = _accuracy_and_ce(model, data.x["val"], data.y["val"], device)
         current_lr = optimizer.param_groups[0]["lr"]
         curve.append([iteration, val_acc, current_lr])
@@ -249,6 +260,8 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     from privenc.train import resolve_device
 
     torch_device = resolve_device(device)
+    out_dir = Path(out_dir)
+    ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
     snapshot = _freeze(encoder.module)
     settings = encoder.config.verify
@@ -257,6 +270,9 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     records: list[dict[str, Any]] = []
     for task in tasks:
         data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
+        # The augmented views come from the global generator: seed it, so that a cell's numbers
+        # do not depend on what ran before it in this process (grid order, a resumed grid).
+        torch.manual_seed(encoder.config.data.seed)
         encoded = encode_task(encoder.module, data, settings.views, settings.batch_size, torch_device, progress)
         channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
         for family in settings.attackers:
@@ -279,8 +295,6 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
                          encoder.name, task, family, seed, result.test_acc_best,
                          "saturated" if result.saturated else "NOT saturated", result.iters)
     assert_unchanged(encoder.module, snapshot, encoder.name)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "verify.json", json.dumps(records, indent=1) + "\n")
     atomic_write_text(out_dir / "summary.md", summarize(records))
     return records

@@ -13,10 +13,12 @@ same cache both produce complete, identical files; the last rename wins.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,6 +150,13 @@ def _build(
 ) -> dict[str, Any]:
     """Decode every image into a temporary memmap, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A memmap page that cannot be stored on a full disk kills the process (SIGBUS) with no
+    # message, so check the space first.
+    needed, free = len(indices) * load_size * load_size * 3, shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"the image cache {path} needs {needed / 2**20:.1f} MiB but {path.parent} "
+                                    f"has {free / 2**20:.1f} MiB free: free some space, point data.cache_dir "
+                                    f"elsewhere, or set data.cache = false")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     bad_rows: list[int] = []
     bad_reasons: list[str] = []

@@ -115,6 +115,8 @@ def read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             raise DataError(f"{path}: empty file, expected a header row with a 'path' column") from None
         except csv.Error as err:
             raise DataError(f"{path}:1: {err}") from None
+        except UnicodeDecodeError as err:  # e.g. a spreadsheet's cp1252 export
+            raise DataError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
         duplicated = sorted({h for h in header if header.count(h) > 1})
         if duplicated:
             raise DataError(f"{path}:1: duplicated column(s) {', '.join(map(repr, duplicated))}")
@@ -130,6 +132,9 @@ def read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 rows.append((reader.line_num, [cell.strip() for cell in row]))
         except csv.Error as err:
             raise DataError(f"{path}:{reader.line_num}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text after line {reader.line_num} ({err.reason}); "
+                            f"save it as UTF-8") from None
     return header, rows
 
 

@@ -145,6 +145,7 @@ def _read_list(
     ids: list[str] = []
     categories: list[str] = []
     lines: list[int] = []
+    first_line: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
@@ -167,6 +168,13 @@ def _read_list(
                         f"{path}:{lineno}: {parts[0]!r} is labelled {parts[1]} ({name}) but does "
                         f"not lie under {prefix}/"
                     )
+                if ".." in parts[0].split("/"):
+                    raise DataError(f"{path}:{lineno}: path {parts[0]!r} escapes the category folder {prefix}/")
+                if parts[0] in first_line:  # one image twice could land in two splits: a leak
+                    raise DataError(
+                        f"{path}:{lineno}: duplicated path {parts[0]!r} (also on line {first_line[parts[0]]})"
+                    )
+                first_line[parts[0]] = lineno
                 ids.append(parts[0].lstrip("/"))
                 categories.append(name)
                 lines.append(lineno)

@@ -1,0 +1,317 @@
+"""The bad-input catalogue of docs/reliability.md: every case goes through the command line as a
+user would meet it and must end in one clear ``privenc: error: ...`` naming the file, line,
+key or category (exit code 2, no traceback, no checkpoint written), or, where an option
+allows it, in a counted and reported skip.
+
+Lower-level tests of the same checks live in test_data_sources.py, test_data_tasks.py,
+test_config.py and test_deploy.py; this file checks that they reach the user intact.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from privenc import checkpoint as ckpt
+from privenc.cli import main
+from privenc.config import load_config
+from privenc.models import Encoder
+from test_reliability import finished_run  # noqa: F401  (a session fixture: one training for both files)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def _image(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 12), (40 * seed % 256, 90, 200)).save(path)
+    return path
+
+
+def _train(tmp_path: Path, data: list[str], private: str = "c0", desirable: str = "c1") -> list[str]:
+    """``privenc train`` on a data source, with the tiny model and tasks of the source."""
+    overrides = [*TINY, *data, f"train.private={private}",
+                 f"train.desirable={desirable}" if desirable else "train.desirable=[]"]
+    return ["-q", "train", *_sets(overrides), "--out", str(tmp_path / "new"), "--no-progress"]
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+def _folder(tmp_path: Path, per_category: int = 6, categories=("c0", "c1", "c2")) -> Path:
+    root = tmp_path / "folder"
+    for k, category in enumerate(categories):
+        for i in range(per_category):
+            _image(root / category / f"img{i:03d}.png", k)
+    return root
+
+
+def _folder_train(tmp_path: Path, **kwargs) -> list[str]:
+    return _train(tmp_path, ["data.source=folder", f"data.root={tmp_path / 'folder'}"], **kwargs)
+
+
+def _bomb_png(path: Path, width: int = 30000, height: int = 30000) -> None:
+    """A valid PNG header declaring an enormous image (a few bytes on disk)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+
+
+def _bad_image(kind: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        target = _folder(tmp_path) / "c1" / "img002.png"
+        if kind == "zero_bytes":
+            target.write_bytes(b"")
+        elif kind == "truncated":
+            target.write_bytes(target.read_bytes()[:40])
+        elif kind == "not_an_image":
+            target.write_text("name,age\nalice,30\n")
+        else:
+            _bomb_png(target)
+        return _folder_train(tmp_path)
+    return build
+
+
+def _csv(tmp_path: Path, text: str, images: tuple[str, ...] = ()) -> Path:
+    root = tmp_path / "faces"
+    for i, rel in enumerate(images):
+        _image(root / rel, i)
+    root.mkdir(exist_ok=True)
+    (root / "faces.csv").write_bytes(text.encode() if isinstance(text, str) else text)
+    return root / "faces.csv"
+
+
+GOOD_ROWS = "".join(f"img/{c}{i}.png,{c},{'fm'[i % 2]}\n" for c in ("c0", "c1", "c2") for i in range(6))
+GOOD_IMAGES = tuple(f"img/{c}{i}.png" for c in ("c0", "c1", "c2") for i in range(6))
+
+
+def _csv_case(header: str, extra: str = "", rows: str = GOOD_ROWS, private: str = "c0"):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        path = _csv(tmp_path, header + rows + extra, GOOD_IMAGES)
+        return _train(tmp_path, ["data.source=csv", f"data.root={path}"], private=private)
+    return build
+
+
+def _csv_not_utf8(tmp_path: Path, run: Path) -> list[str]:
+    path = _csv(tmp_path, b"path,category,gender\n" + GOOD_ROWS.encode() + "img/caf\u00e9.png,c0,f\n".encode("cp1252"),
+                GOOD_IMAGES)
+    return _train(tmp_path, ["data.source=csv", f"data.root={path}"])
+
+
+CATEGORIES = "/a/airfield 0\n/a/alley 1\n/a/arch 2\n"
+
+
+def _places_case(extra: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        root = tmp_path / "places"
+        root.mkdir()
+        (root / "categories_places365.txt").write_text(CATEGORIES)
+        lines = []
+        for label, category in enumerate(("airfield", "alley", "arch")):
+            for i in range(1, 7):
+                rel = f"/a/{category}/{i:08d}.jpg"
+                _image(root / "data_256" / rel.lstrip("/"), label)
+                lines.append(f"{rel} {label}\n")
+        (root / "places365_train_standard.txt").write_text("".join(lines) + extra)
+        data = ["data.source=places365", f"data.root={root}", 'data.groups={g = ["airfield", "alley", "arch"]}']
+        return _train(tmp_path, data, private="airfield", desirable="alley")
+    return build
+
+
+# --------------------------------------------------------------------------- checkpoints and resuming
+
+
+class _Marker:
+    """Unpickling this would create ``path``: a stand-in for a malicious payload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _bad_checkpoint(kind: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        run = Path(shutil.copytree(run, tmp_path / "run"))
+        path = run / "checkpoints" / "last.pt"
+        if kind == "other_architecture":
+            payload = ckpt.load(path)
+            wide = load_config("demo", [*TINY, "encoder.stages=[[6], [8]]"])
+            payload["encoder"] = Encoder(wide.encoder, 16).state_dict()
+            ckpt.save(path, {k: v for k, v in payload.items() if k != "format_version"})
+        elif kind == "truncated":
+            path.write_bytes(path.read_bytes()[:1000])
+        else:
+            torch.save({"format_version": 1, "step": 9, "x": _Marker(tmp_path / "payload-ran")}, path)
+        return ["-q", "train", "--resume", str(run), "--no-progress"]
+    return build
+
+
+def _resume_changed(how: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        run = Path(shutil.copytree(run, tmp_path / "run"))
+        argv = ["-q", "train", "--resume", str(run), "--no-progress"]
+        if how == "set":
+            return [*argv, "--set", "train.alpha=0.5"]
+        config = (run / "config.toml").read_text()
+        (run / "config.toml").write_text(config.replace("alpha = 0.0625", "alpha = 0.5"))
+        return argv
+    return build
+
+
+def _resume_without_checkpoint(tmp_path: Path, run: Path) -> list[str]:
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    shutil.rmtree(run / "checkpoints")
+    (run / "encoder.pt").unlink()
+    return ["-q", "train", "--resume", str(run), "--no-progress"]
+
+
+def _verify_other_architecture(tmp_path: Path, run: Path) -> list[str]:
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    payload = ckpt.load(run / "encoder.pt")
+    wide = load_config("demo", [*TINY, "encoder.stages=[[6], [8]]"])
+    payload["state_dict"] = Encoder(wide.encoder, 16).state_dict()
+    ckpt.save(run / "encoder.pt", {k: v for k, v in payload.items() if k != "format_version"})
+    return ["-q", "verify", str(run), "--out", str(tmp_path / "v"), "--no-progress"]
+
+
+def _config_case(*overrides: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        return ["-q", "train", *_sets([*TINY, *overrides]), "--out", str(tmp_path / "new"), "--no-progress"]
+    return build
+
+
+def _bad_toml(tmp_path: Path, run: Path) -> list[str]:
+    (tmp_path / "mine.toml").write_text("[train]\niters = 3\nalpha = \n")
+    return ["-q", "train", "--config", str(tmp_path / "mine.toml"), "--out", str(tmp_path / "new")]
+
+
+def _existing_run(tmp_path: Path, run: Path) -> list[str]:
+    return ["-q", "train", *_sets(TINY), "--out", str(run), "--no-progress"]
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+# id: (build(tmp_path, finished_run) -> argv, what the error must say)
+CATALOGUE = {
+    # image files
+    "zero-byte image": (_bad_image("zero_bytes"), r"c1/img002\.png: empty file \(0 bytes\)"),
+    "truncated image": (_bad_image("truncated"), r"c1/img002\.png: unreadable image"),
+    "non-image file": (_bad_image("not_an_image"), r"c1/img002\.png: unreadable image"),
+    "decompression bomb": (_bad_image("bomb"), r"c1/img002\.png: refused as a possible decompression bomb"),
+    # paths
+    "CSV path escaping the root": (_csv_case("path,category,gender\n", "../outside.png,c0,f\n"),
+                                   r"faces\.csv:20: path '\.\./outside\.png' escapes the CSV's folder"),
+    "CSV absolute path": (_csv_case("path,category,gender\n", "/etc/hostname,c0,f\n"),
+                          r"faces\.csv:20: absolute path '/etc/hostname'"),
+    "Places path escaping the root": (_places_case("/a/airfield/../../../../etc/hostname 0\n"),
+                                      r"places365_train_standard\.txt:19: path .* escapes the category folder"),
+    "CSV duplicated path": (_csv_case("path,category,gender\n", "img/c00.png,c1,m\n"),
+                            r"faces\.csv:20: duplicated path 'img/c00\.png' \(also on line 2\)"),
+    "Places duplicated path": (_places_case("/a/airfield/00000001.jpg 0\n"),
+                               r"places365_train_standard\.txt:19: duplicated path .* \(also on line 1\)"),
+    "CSV image file missing": (_csv_case("path,category,gender\n", "img/gone.png,c0,f\n"),
+                               r"faces\.csv:20: image file missing: .*img/gone\.png"),
+    # labels
+    "Places label out of range": (_places_case("/a/airfield/00000099.jpg 999\n"),
+                                  r"places365_train_standard\.txt:19: unknown label '999'"),
+    "Places label not matching its path": (_places_case("/a/airfield/00000099.jpg 1\n"),
+                                           r":19: '/a/airfield/00000099\.jpg' is labelled 1 \(alley\) but does not lie"),
+    # splits and tasks
+    "split fraction of 0": (_config_case("data.split=[0.8, 0.2, 0.0]"), r"data\.split leaves a split empty"),
+    "split left empty by too few images": (
+        lambda tmp_path, run: (_folder(tmp_path, per_category=2), _folder_train(tmp_path))[1],
+        r"the val split holds no image for the tasks c0, c1"),
+    "task with a single class (attribute)": (
+        _csv_case("path,category,gender\n", rows=GOOD_ROWS.replace(",m\n", ",f\n"), private="attribute:gender"),
+        r"task 'attribute:gender': attribute 'gender' has a single class \['f'\]"),
+    "task with a single class (no negatives)": (
+        lambda tmp_path, run: (_folder(tmp_path, categories=("c0",)), _folder_train(tmp_path, desirable=""))[1],
+        r"task 'c0': group all has no category other than 'c0'"),
+    "task naming no category": (lambda tmp_path, run: (_folder(tmp_path), _folder_train(tmp_path, private="cO"))[1],
+                                r"task 'cO': unknown category 'cO'"),
+    # CSV structure
+    "CSV without the path column": (_csv_case("file,category,gender\n"), r"faces\.csv: no 'path' column"),
+    "CSV without the category column": (_csv_case("path,scene,gender\n"), r"faces\.csv: no column 'category'"),
+    "CSV empty cell": (_csv_case("path,category,gender\n", "img/c10.png,,f\n"),
+                       r"faces\.csv:20: empty cell in column 'category'"),
+    "CSV ragged row": (_csv_case("path,category,gender\n", "img/c10.png,c1\n"),
+                       r"faces\.csv:20: 2 cells, but the header has 3"),
+    "CSV not UTF-8": (_csv_not_utf8, r"faces\.csv: not UTF-8 text"),
+    # config
+    "config key typo": (_config_case("train.iter=5"), r"unknown key train\.iter; valid keys of \[train\]"),
+    "config section typo": (_config_case("trian.iters=5"), r"unknown section 'trian'"),
+    "config file not TOML": (_bad_toml, r"mine\.toml: not valid TOML"),
+    "negative learning rate": (_config_case("train.encoder_lr=-0.001"), r"train\.encoder_lr must be > 0, got -0\.001"),
+    "batch size 0": (_config_case("train.batch_size=0"), r"train\.batch_size must be >= 2"),
+    "alpha < 0": (_config_case("train.alpha=-1"), r"train\.alpha must be >= 0, got -1"),
+    "wrong value type": (_config_case("train.iters=many"), r"train\.iters must be of type int, got 'many'"),
+    # checkpoints and runs
+    "checkpoint of another architecture": (_bad_checkpoint("other_architecture"),
+                                           r"last\.pt: encoder does not match this architecture: shape mismatches"),
+    "truncated checkpoint": (_bad_checkpoint("truncated"), r"last\.pt: not a readable checkpoint \(truncated"),
+    "checkpoint with a pickled payload": (_bad_checkpoint("pickled"),
+                                          r"last\.pt: refused to load: .*a pickled payload is never executed"),
+    "encoder file of another architecture": (_verify_other_architecture,
+                                             r"encoder\.pt: encoder does not match this architecture"),
+    "resume with a changed --set": (_resume_changed("set"),
+                                    r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.0625 -> 0\.5"),
+    "resume with an edited config.toml": (_resume_changed("edit"),
+                                          r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.0625 -> 0\.5"),
+    "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
+    "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input_is_one_clear_error(case, tmp_path, finished_run, capsys):
+    build, pattern = CATALOGUE[case]
+    argv = build(tmp_path, finished_run)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "privenc: error: " in err, err
+    message = err[err.index("privenc: error: "):]
+    assert re.search(pattern, message), message
+    assert not (tmp_path / "new" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "payload-ran").exists()  # the pickled payload never ran
+
+
+def test_resume_with_a_changed_config_is_allowed_explicitly_with_the_difference_listed(finished_run, tmp_path, caplog):
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    caplog.set_level("WARNING", logger="privenc")
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.iters=7", "--allow-config-change",
+                 "--no-progress"]) == 0
+    assert "train.iters: 6 -> 7" in caplog.text
+    assert "iters = 7" in (run / "config.toml").read_text()
+    assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == 10
+
+
+def test_unreadable_images_are_skipped_counted_and_reported_when_allowed(tmp_path, caplog):
+    from privenc.data import prepare
+
+    root = _folder(tmp_path)
+    (root / "c1" / "img002.png").write_bytes(b"")
+    _bomb_png(root / "c2" / "img004.png")
+    config = load_config("demo", [*TINY, "data.source=folder", f"data.root={root}", "data.skip_bad_images=true"])
+    data = prepare(config.data, ["c0", "c1"])
+    data.write(tmp_path / "run")
+    assert data.bad_images == ["c1/img002.png", "c2/img004.png"]
+    assert (tmp_path / "run" / "bad_images.txt").read_text().split() == data.bad_images
+    assert '"bad_images": 2' in (tmp_path / "run" / "tasks.json").read_text()
+    assert "2 of 18 images are unreadable and left out" in caplog.text
+    used = {data.source.ids[i] for split in data.indices.values() for i in split}
+    assert not used & set(data.bad_images)
