@@ -302,3 +302,49 @@ def test_prepare_places_mini(tmp_path):
     assert {s: len(i) for s, i in data.splits.items()} == {"train": 210, "val": 45, "test": 45}
     assert {s: int(lab.sum()) for s, lab in data.labels.items()} == {"train": 70, "val": 15, "test": 15}
     assert data.dataset("test", augment=False)[0][0].shape == (3, 12, 12)
+
+
+# --------------------------------------------------------------------------- batched transforms
+
+
+def _batch_cfg(**kw):
+    from privenc.config import DataConfig
+
+    return DataConfig(**{"image_size": 8, "load_size": 12, **kw})
+
+
+def test_batch_eval_transform_equals_the_per_image_one():
+    from privenc.data.transforms import BatchTransform, eval_transform
+
+    cfg = _batch_cfg()
+    images = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    batched = BatchTransform(cfg, augment=False)(images)
+    single = torch.stack([eval_transform(cfg)(im) for im in images])
+    assert torch.allclose(batched, single, atol=1e-6)
+
+
+def test_batch_train_transform_without_room_to_move_is_the_identity():
+    from privenc.data.transforms import BatchTransform
+
+    cfg = _batch_cfg(image_size=12, scale_range=[1.0, 1.0])
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    out = BatchTransform(cfg, augment=True)(images)
+    assert torch.allclose(out, images.float() / 127.5 - 1, atol=1e-5)
+
+
+def test_batch_train_transform_crops_shifts_and_scales_randomly():
+    from privenc.data.transforms import BatchTransform
+
+    cfg = _batch_cfg(scale_range=[1.0, 1.5])
+    ramp = torch.arange(12, dtype=torch.float32).mul(20).to(torch.uint8)  # brightness grows along x
+    images = ramp.expand(64, 3, 12, 12).contiguous()
+    torch.manual_seed(0)
+    out = BatchTransform(cfg, augment=True)(images)
+    assert out.shape == (64, 3, 8, 8) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    left = out[:, 0, 0, 0]
+    assert left.std() > 0.05  # crops start at different places
+    slope = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) / 7
+    assert slope.max() - slope.min() > 0.01  # and at different scales (a zoom flattens the ramp)
+    torch.manual_seed(0)
+    assert torch.equal(BatchTransform(cfg, augment=True)(images), out)  # seeded: reproducible

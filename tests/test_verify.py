@@ -143,3 +143,21 @@ def test_equalize_is_rank_per_location():
     eq = equalize(values)
     assert eq[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.5]
     assert eq[:, 0, 0, 1].tolist() == [1.0, 0.0, 0.5]
+
+
+def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
+    from privenc.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
+    text = report.read_text()
+    assert "## Table 1" in text and "## Table 2" in text
+    for loss in ("label_flip", "standard_gan"):
+        assert (tmp_path / "demo" / "runs" / loss / "encoder.pt").exists()
+        assert f"| {loss} |" in text  # one Table 1 row per encoder loss
+    records = collect(tmp_path / "demo" / "grid")
+    assert {r["encoder"] for r in records} == {"label_flip", "standard_gan", "identity", "blur"}
+    assert {r["task"] for r in records} == {"g1c0", "g1c1", "g1c2"}  # private, desirable, other
+    # a rerun reuses every finished step
+    before = (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns
+    run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
+    assert (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns == before

@@ -30,6 +30,7 @@ from privenc import distributed
 from privenc.adversarial import Players, classifier_step, encoder_step, evaluate
 from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
+from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
 from privenc.models import Classifier, Encoder
 from privenc.stream import BatchStream
@@ -116,7 +117,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         data = prepare(config.data, specs, run_dir=run_dir)
     n_private = len(t.private)
     seed_everything(t.seed)
-    stream = BatchStream(data.dataset("train", augment=True), t.batch_size, seed=t.seed,
+    # The stream yields cached uint8 images; the random rescale + crop runs a batch at a time on
+    # the training device (data/transforms.py: BatchTransform).
+    augment = BatchTransform(config.data, augment=True)
+    stream = BatchStream(data.uint8_dataset("train"), t.batch_size, seed=t.seed,
                          num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
                          rank=world.rank, world_size=world.size)
     val_batches = _validation_batches(data, t.batch_size, t.val_batches) if world.is_main else []
@@ -131,8 +135,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
-    def to_device(batch):
-        return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None)
+    def to_device(batch, transform=augment):
+        return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None,
+                          transform)
 
     classifier_opt = torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas))
     encoder_opt = torch.optim.Adam(players.encoder.parameters(), lr=t.encoder_lr, betas=tuple(t.betas))
@@ -212,7 +217,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 "classifier_lr": t.classifier_lr,
             }
             record.update({k: v / counted for k, v in sums.items()})
-            record.update(evaluate(players, [to_device(b) for b in val_batches]))
+            record.update(evaluate(players, [to_device(b, None) for b in val_batches]))
             record["elapsed_s"] = round(time.time() - started, 3)
             _append_metrics(run_dir / METRICS_FILE, record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")})
@@ -261,10 +266,14 @@ def _data_parallel(players: Players, world: distributed.World, device: torch.dev
 # --------------------------------------------------------------------------- helpers of the loop
 
 
-def _to_device(batch, device: torch.device, channels_last: bool, n_private: int, has_desirable: bool):
-    """(images, labels[B, T]) -> (images, private labels [B, P], desirable label [B] or None)."""
+def _to_device(batch, device: torch.device, channels_last: bool, n_private: int, has_desirable: bool,
+               transform=None):
+    """(images, labels[B, T]) -> (images, private labels [B, P], desirable label [B] or None),
+    on the device; ``transform`` turns a uint8 batch into the float network input there."""
     images, labels = batch
     images = images.to(device, non_blocking=True)
+    if transform is not None:
+        images = transform(images)
     if channels_last and device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from privenc.checkpoint import atomic_write_text, ensure_writable
 from privenc.config import Config, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
+from privenc.data.transforms import BatchTransform
 from privenc.models import build_attacker, build_encoder
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,13 @@ def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int,
     xs: dict[str, torch.Tensor] = {}
     ys: dict[str, torch.Tensor] = {}
     for split, augment, repeats in (("train", True, views), ("val", False, 1), ("test", False, 1)):
-        dataset = data.dataset(split, augment=augment)
+        dataset = data.uint8_dataset(split)
+        transform = BatchTransform(data.config, augment)  # on the device, a batch at a time
         chunks, labels = [], []
         for _ in range(repeats):
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
             for images, label in tqdm(loader, desc=f"encode {split}", leave=False, disable=not progress):
-                chunks.append(encoder(images.to(device)).float().cpu())
+                chunks.append(encoder(transform(images.to(device))).float().cpu())
                 labels.append(label[:, 0])
         xs[split], ys[split] = torch.cat(chunks), torch.cat(labels)
         bad = int((~torch.isfinite(xs[split]).flatten(1).all(dim=1)).sum())

@@ -80,6 +80,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), torch.from_numpy(self.labels[k].copy())
 
 
+def _identity(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
 @dataclass
 class TaskData:
     """Everything a run needs to draw batches for its tasks (built by :func:`prepare`)."""
@@ -103,6 +107,13 @@ class TaskData:
             raise KeyError(f"unknown split {split!r}; splits are {', '.join(self.indices)}")
         transform = train_transform(self.config) if augment else eval_transform(self.config)
         return ImageDataset(self.images, self.indices[split], self.labels[split], transform)
+
+    def uint8_dataset(self, split: str) -> ImageDataset:
+        """The pool of ``split`` as cached: uint8 (3, load_size, load_size) images, to be
+        transformed a batch at a time by :class:`~privenc.data.transforms.BatchTransform`."""
+        if split not in self.indices:
+            raise KeyError(f"unknown split {split!r}; splits are {', '.join(self.indices)}")
+        return ImageDataset(self.images, self.indices[split], self.labels[split], _identity)
 
     def summary(self) -> dict[str, Any]:
         """Task names, classes and per-split class counts (what ``tasks.json`` records)."""
