@@ -1,0 +1,248 @@
+"""Performance benchmarks of privenc: ``make bench`` (this file) prints a table and writes
+docs/performance.md.
+
+    python benchmarks/run.py                  # the full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick          # a smoke run: every benchmark, tiny sizes, 1 repeat
+    python benchmarks/run.py --only load,attack --repeats 7 --out /tmp/perf.md
+
+Every comparison runs its variants interleaved and repeated in this one process (see
+measure.py); numbers are medians and ratios of medians within the run. The GPU half of the
+targets is measured by benchmarks/gpu_check.py on a CUDA machine; here, --device cuda runs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# As the privenc command line does (privenc.cli.main): OpenMP reads this once, when torch
+# loads it, so it is set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import datetime
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from privenc.data.cache import default_cache_dir
+
+import fixtures
+import flops
+from measure import Section, load_average, machine
+from tables import median_of, table, targets, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("flops", "train", "threads", "encode", "attack", "several", "load", "changes")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (default 5; "
+                                                                  "quick: 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md", help="report file")
+    parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: run benchmarks/gpu_check.py")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument("--paper-batch", type=int, default=2,
+                        help="batch of the paper preset's CPU iteration (default 2; the preset's is 128)")
+    parser.add_argument("--paper-attack-batch", type=int, default=8,
+                        help="attacker batch of the paper preset's (c) comparison on a CPU (default 8; the "
+                             "preset's is 128)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="image caches (default: privenc's, $PRIVENC_CACHE or ~/.cache/privenc)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--demo", action="store_true", help="also time `privenc demo` (benchmarks/demo_cost.py; "
+                                                            "about 10 minutes)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.device != "cpu":
+        import gpu_check
+
+        return gpu_check.main(["--device", args.device] + (["--quick"] if args.quick else []))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(","))
+    unknown = only - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 5)
+    cache_dir = args.cache_dir or default_cache_dir()
+    started, load_before = time.time(), load_average()
+    command = " ".join(["python", "benchmarks/run.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    print(f"# {command}  ({repeats} interleaved repeats, {torch.get_num_threads()} torch threads)", flush=True)
+
+    sections: list[Section] = []
+    with tempfile.TemporaryDirectory(prefix="privenc-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        demo = fixtures.demo_config(cache_dir)
+        demo_data = fixtures.prepare_data(demo)
+        demo_jpegs = {s: fixtures.jpeg_files(demo_data, demo_data.indices[s], tmp_dir / "jpeg")
+                      for s in ("train", "val", "test")}
+        paper = fixtures.paper_config(cache_dir, args.paper_batch)
+        paper_data = fixtures.prepare_data(paper) if only & {"train", "load", "changes", "attack"} else None
+
+        def run(title: str, fn, *a, **kw) -> Section:
+            t0 = time.time()
+            print(f"## {title} ...", flush=True)
+            section = Section(title, fn(*a, **kw))
+            print(table(section.rows), f"\n({time.time() - t0:.0f} s)\n", flush=True)
+            sections.append(section)
+            return section
+
+        if "flops" in only:
+            sections.append(flops_section(fixtures.paper_config(cache_dir, 128)))
+        if "train" in only:
+            import training
+
+            run("(a) adversarial iteration, demo preset", training.adversarial_iteration, "demo", demo, demo_data,
+                demo_jpegs["train"], repeats, iters=1 if quick else 3)
+            paper_jpegs = fixtures.jpeg_files(paper_data, paper_data.indices["train"], tmp_dir / "jpeg-paper")
+            section = run("(a) adversarial iteration, paper preset", training.adversarial_iteration,
+                          f"paper (batch {args.paper_batch}, CPU)", paper, paper_data, paper_jpegs,
+                          min(repeats, 3), iters=1, channels_last=False)
+            section.notes.append(f"Paper preset on a CPU: batch {args.paper_batch} instead of 128 and one iteration "
+                                 f"per run, {min(repeats, 3)} runs, so that it fits in minutes; "
+                                 f"{fixtures.paper_data_note()}.")
+        if "threads" in only:
+            import training
+
+            section = run("CPU thread settings", training.thread_settings, cache_dir, min(repeats, 3),
+                          iters=1 if quick else 2, batch_size=demo.train.batch_size)
+            best = max(section.rows, key=lambda r: r.median)
+            section.notes.append(f"Fastest setting in this run: {best.variant.replace(' (baseline)', '')} "
+                                 f"({best.median:.3g} iterations/s, {best.ratio or 1:.2f}x the torch defaults).")
+        if "encode" in only:
+            import encoding
+
+            run("(b) encoding", encoding.encoding, "demo", demo, demo_data, demo_jpegs, repeats)
+        if only & {"attack", "several"}:
+            import attackers
+
+            encoded = attackers.encode(demo, demo_data)  # verify.views augmented views, as verification does
+            if "attack" in only:
+                for family in ("paper",) if quick else ("paper", "mlp", "linear"):
+                    section = run(f"(c) attacker training, demo, {family}", attackers.cached_vs_reencoding, "demo",
+                                  demo, demo_data, encoded, demo_jpegs["train"], repeats,
+                                  cached_iters=10 if quick else 60, naive_iters=2 if quick else 6, family=family,
+                                  from_cache=family == "paper")
+                    section.notes.append(bound_note(demo, family, demo.verify.batch_size))
+                paper_attack = fixtures.paper_config(cache_dir, args.paper_batch,
+                                                     f"verify.batch_size={args.paper_attack_batch}")
+                section = run("(c) attacker training, paper", attackers.cached_vs_reencoding,
+                              "paper (CPU)", paper_attack, paper_data,
+                              attackers.stand_in_encodings(paper_attack, 256),
+                              fixtures.jpeg_files(paper_data, paper_data.indices["train"],
+                                                  tmp_dir / "jpeg-paper"),
+                              min(repeats, 3), cached_iters=10, naive_iters=1, from_cache=False)
+                section.notes.append(bound_note(paper_attack, "paper", paper_attack.verify.batch_size))
+                section.notes.append(f"Paper preset on a CPU: attacker batch {args.paper_attack_batch} (the preset's is "
+                                     f"128), one re-encoding iteration per run; the cached side trains on random "
+                                     f"encodings of the encoder's output shape (3x28x28: the cost does not depend "
+                                     f"on the values); {fixtures.paper_data_note()}.")
+            if "several" in only:
+                run("several attackers: processes", attackers.processes_vs_threads, demo, encoded, min(repeats, 3),
+                    iters=5 if quick else 30, cores=min(2, os.cpu_count() or 1))
+                run("several attackers: vectorized", attackers.vectorized, demo, encoded, repeats,
+                    iters=2 if quick else 10, counts=(4,) if quick else (4, 16))
+        if "load" in only:
+            import loading
+
+            jpegs = fixtures.jpeg_files(paper_data, paper_data.images.indices, tmp_dir / "jpeg-paper")
+            section = run("(d) loading", loading.loading, paper_data, jpegs, repeats)
+            section.notes.append(f"{len(jpegs)} images, batches of 64, DataLoader in the main process "
+                                 f"(data.num_workers = 0, the default); {fixtures.paper_data_note()}.")
+        if "changes" in only:
+            import changes
+
+            run("library change: per-location BN, module", changes.per_location_norm_module, repeats,
+                shapes=((64, 16, 32, 32),) if quick else ((64, 16, 32, 32), (2, 64, 224, 224)))
+            run("library change: per-location BN, iteration", changes.per_location_norm, demo, repeats,
+                iters=1 if quick else 3)
+            run("library change: cache item copy", changes.dataset_item, paper_data, repeats)
+
+    wall = time.time() - started
+    if args.demo:
+        import demo_cost
+
+        sections.append(demo_cost.section(quick))
+    header = run_header(command, repeats, wall, load_before)
+    write_report(args.out, sections, header, static_text(sections))
+    rows = [r for s in sections for r in s.rows]
+    print(table(rows))
+    print("\n".join(targets(rows)))
+    print(f"\nwall time {wall:.0f} s; report written to {args.out}")
+    return 0
+
+
+def flops_section(config) -> Section:
+    counts = flops.iteration_flops(config)
+    section = Section("FLOPs per training iteration, paper preset")
+    per_image = counts["total"] / counts["images"]
+    ceiling = 989e12 / counts["total"]
+    section.notes += [
+        f"Paper preset, batch {config.train.batch_size} at {config.data.image_size}x{config.data.image_size}: "
+        f"classifier step {counts['classifier_step'] / 1e12:.2f} TFLOP + encoder step "
+        f"{counts['encoder_step'] / 1e12:.2f} TFLOP = **{counts['total'] / 1e12:.2f} TFLOP per iteration** "
+        f"({counts['images']:.0f} images, {per_image / 1e9:.1f} GFLOP per image; FlopCounterMode, forward and "
+        f"backward, 2 FLOPs per multiply-add).",
+        f"Against the dense bf16 peak of an H100 SXM / H200 (989 TFLOP/s): at most {ceiling:.1f} iterations/s; "
+        f"40% of peak is {0.4 * ceiling:.1f} iterations/s, which asks the loader for "
+        f"{0.4 * ceiling * counts['images']:,.0f} images/s.",
+    ]
+    print("\n".join(section.notes), flush=True)
+    return section
+
+
+def bound_note(config, family: str, batch: int) -> str:
+    b = flops.reencoding_bound(config, family, batch)
+    return (f"'{family}' attacker, batch {batch}: encoding the batch costs {b['encode'] / 1e9:.3g} GFLOP, an "
+            f"attacker step {b['attacker_step'] / 1e9:.3g} GFLOP (forward + backward), so by FLOPs alone training "
+            f"on cached encodings can be at most {b['bound']:,.1f}x faster than re-encoding; data loading adds "
+            f"to the re-encoding side, per-step overheads to both.")
+
+
+def run_header(command: str, repeats: int, wall: float, load_before: str) -> list[str]:
+    info = machine()
+    lines = [f"- command: `{command}` ({repeats} interleaved repeats per comparison; wall time {wall:.0f} s)",
+             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+             *[f"- {key}: {value}" for key, value in info.items()],
+             "- device: cpu" + ("" if not torch.cuda.is_available() else " (a GPU is present; see gpu_check.py)"),
+             f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} in this process (the privenc "
+             f"command line sets PASSIVE unless the variable is set)",
+             f"- load average before / after: {load_before} / {load_average()}"]
+    try:
+        busy = os.getloadavg()[0] > 0.5
+    except OSError:
+        busy = False
+    if busy:
+        lines.append("- **Measured under load from other processes** (the load average above counts them): "
+                     "absolute rates are lower and noisier than on an idle machine; the interleaved ratios "
+                     "are the numbers to compare.")
+    return lines
+
+
+def static_text(sections: list[Section]) -> str:
+    rows = [r for s in sections for r in s.rows]
+    fastest_threads = [r for r in rows if r.benchmark.startswith("CPU threads")]
+    thread_line = ""
+    if fastest_threads:
+        best = max(fastest_threads, key=lambda r: r.median)
+        base = median_of(rows, "CPU threads", "intra-op 2, inter-op 2")
+        thread_line = (f" In this run {best.variant.replace(' (baseline)', '')} was fastest at "
+                       f"{best.median:.3g} iterations/s against {base:.3g} for the default.")
+    return (Path(__file__).with_name("performance_notes.md").read_text()
+            .replace("{THREADS_MEASURED}", thread_line))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
