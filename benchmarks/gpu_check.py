@@ -8,8 +8,9 @@ It measures, for the paper preset (224x224, batch 128):
    torch.compile, each as a fraction of the dense bf16 peak (989 TFLOP/s on H100 SXM / H200)
    for the FLOPs of one iteration (benchmarks/flops.py);
 2. loader throughput from a uint8 memmap cache (DataLoader workers, pinned memory), with the
-   per-item CPU augmentation of the library and with uint8 batches augmented on the GPU
-   (loading.batch_random_crop), against the training step's demand (2 x batch x iterations/s);
+   per-item CPU augmentation (train_transform, the per-image reference path) and with uint8
+   batches augmented on the GPU by the library's BatchTransform (what training does), against
+   the training step's demand (2 x batch x iterations/s);
 3. encoding throughput (frozen encoder, inference);
 4. attacker-iterations/s per GPU: one 'paper' attacker (fit_classifier) and K vmapped 'mlp'
    attackers on cached encodings.
@@ -47,14 +48,13 @@ from privenc.adversarial import Players, classifier_step, encoder_step  # noqa: 
 from privenc.config import Config, load_config  # noqa: E402
 from privenc.data import ImageDataset  # noqa: E402
 from privenc.data.cache import ImageCache  # noqa: E402
-from privenc.data.transforms import train_transform  # noqa: E402
+from privenc.data.transforms import BatchTransform, train_transform  # noqa: E402
 from privenc.models import Classifier, Encoder  # noqa: E402
 from privenc.verify import Encoded, fit_classifier  # noqa: E402
 
 import flops  # noqa: E402
 from attackers import VmappedAttackers  # noqa: E402
 from changes import with_previous_norm  # noqa: E402
-from loading import batch_random_crop  # noqa: E402
 
 PEAK = 989e12
 """Dense bf16 tensor-core peak of an H100 SXM and of an H200, FLOP/s."""
@@ -197,7 +197,8 @@ def loader_rates(config: Config, device: torch.device, count: int, workers: int,
     indices = np.arange(count)
     labels = np.zeros((count, 1), dtype=np.int64)
     cache = ImageCache(path, indices)
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # BatchTransform draws from torch's global generator
+    batch_augment = BatchTransform(cfg, augment=True)
 
     def make(transform, pin: bool):
         dataset = ImageDataset(cache, indices, labels, transform)
@@ -206,9 +207,9 @@ def loader_rates(config: Config, device: torch.device, count: int, workers: int,
                           prefetch_factor=4 if workers else None)
 
     loaders = {
-        "per-item CPU augmentation (library default), pinned": (make(train_transform(cfg), True), False),
-        "uint8 batches, augmented on the device, pinned": (make(_as_is, True), True),
-        "uint8 batches, augmented on the device, not pinned": (make(_as_is, False), True),
+        "per-item CPU augmentation (per-image reference), pinned": (make(train_transform(cfg), True), False),
+        "uint8 batches, BatchTransform on the device (library default), pinned": (make(_as_is, True), True),
+        "uint8 batches, BatchTransform on the device, not pinned": (make(_as_is, False), True),
     }
     iterators = {name: iter(loader) for name, (loader, _) in loaders.items()}
 
@@ -221,7 +222,7 @@ def loader_rates(config: Config, device: torch.device, count: int, workers: int,
             images, _ = next(iterators[name])
         images = images.to(device, non_blocking=True)
         if on_device:
-            images = batch_random_crop(images, cfg, generator)
+            images = batch_augment(images)
         return images.shape[0]
 
     for name in loaders:  # start the workers outside the timing

@@ -61,11 +61,12 @@ class BatchTransform:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, L, L) -> float32 (B, 3, S, S) in [-1, 1]."""
-        x = images.float().div_(127.5).sub_(1.0)
+        # Resample first, then scale to [-1, 1]: the output is smaller than the input.
         size, full = self.image_size, self.load_size
         if not self.augment:
             top = int(round((full - size) / 2.0))  # torchvision's center-crop rounding
-            return x[..., top:top + size, top:top + size].contiguous()
+            return images[..., top:top + size, top:top + size].float().div_(127.5).sub_(1.0)
+        x = images.float()
         batch = x.shape[0]
         low, high = self.scale_range
         scale = low + (high - low) * torch.rand(batch)           # (B,)
@@ -79,4 +80,5 @@ class BatchTransform:
         theta[:, 0, 2] = (2 * offset[:, 0] + size) / (full * scale) - 1
         theta[:, 1, 2] = (2 * offset[:, 1] + size) / (full * scale) - 1
         grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
-        return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.div_(127.5).sub_(1.0)
