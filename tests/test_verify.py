@@ -157,6 +157,9 @@ def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
     records = collect(tmp_path / "demo" / "grid")
     assert {r["encoder"] for r in records} == {"label_flip", "standard_gan", "identity", "blur"}
     assert {r["task"] for r in records} == {"g1c0", "g1c1", "g1c2"}  # private, desirable, other
+    roles = {(r["encoder"], r["task"]): r["role"] for r in records}
+    assert roles[("label_flip", "g1c0")] == "private" and roles[("label_flip", "g1c1")] == "desirable"
+    assert {roles[("identity", t)] for t in ("g1c0", "g1c1", "g1c2")} == {"other"}  # baselines unmarked
     # a rerun reuses every finished step
     before = (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns
     run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)

@@ -268,7 +268,8 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     snapshot = _freeze(encoder.module)
     settings = encoder.config.verify
     lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
-    roles = roles or _roles_from_run(encoder.config, tasks)
+    # A learned encoder's own private/desirable tasks are marked; a baseline has none.
+    roles = roles or (_roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
     records: list[dict[str, Any]] = []
     for task in tasks:
         data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)

@@ -35,7 +35,7 @@ import numpy as np
 
 from privenc.data.base import DataError, Source
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump whenever the pictures change for a given (seed, category, index, size); part of the
 fingerprint, so stale caches are rebuilt."""
 
@@ -64,27 +64,30 @@ BUILTIN_GROUPS: dict[str, list[str]] = {g: [f"{g}c{k}" for k in range(len(rows))
 
 # --- rendering constants, in "unit" coordinates: the image spans [-1, 1] on both axes, so the
 # pictures are the same at any resolution (only pixel noise and antialiasing depend on size).
-HUE_JITTER = 0.09
+HUE_JITTER = 0.19
 """Palette hue jitter (fraction of the colour wheel, uniform +-); palettes are 1/8 = 0.125 apart,
 so neighbouring palettes overlap: colour alone is a noisy cue."""
-NUISANCE_AMPLITUDE = 0.05
+NUISANCE_AMPLITUDE = 0.06
 """Std of each of the three low-frequency colour waves that mask the coarse cues."""
-LAYOUT_JITTER = 0.35
+LAYOUT_JITTER = 0.7
 """Layout direction jitter (radians, uniform +-); layouts are pi/4 apart."""
-LAYOUT_SLOPE = (0.12, 0.2)
+LAYOUT_SLOPE = (0.08, 0.16)
 """Brightness gained per unit of distance along the layout direction (the image spans 2 units)."""
 PIXEL_NOISE = 0.04
+VALUE = (0.45, 0.75)
 TEXTURE_PERIOD = 0.25
 """Grating period (unit coordinates: 4.5 px at 36 px, far below the Naive Blur box width)."""
-TEXTURE_AMPLITUDE = (0.10, 0.18)
-TEXTURE_JITTER = 0.07
+TEXTURE_AMPLITUDE = (0.04, 0.09)
+TEXTURE_JITTER = 0.12
 """Orientation jitter (radians, uniform +-); orientations are pi/8 apart."""
-OBJECT_RADIUS = (0.2, 0.27)
+OBJECT_RADIUS = (0.24, 0.31)
 """Object size range (unit coordinates: 3.6-4.9 px at 36 px)."""
-OBJECT_SLOTS = 5
-"""Objects per image at most: up to 3 cue objects + up to 2 distractors, on a jittered 3x3 grid."""
+CUE_OBJECTS = (2, 3)
+"""How many objects of the category's shape an image shows (inclusive range) when the cue is present."""
 GRID_STEP = 0.55
-MAX_DISTRACTORS = 2
+BOTH_POLARITIES = False
+MAX_DISTRACTORS = 1
+"""Neutral distractor objects per image: 0 to this many (cue objects + distractors <= 9 grid cells)."""
 
 
 class SyntheticSource(Source):
@@ -232,7 +235,7 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
 
     # palette: background colour; a random, barely saturated colour when the cue is absent
     hue = palette / len(PALETTES) + draw(low=-HUE_JITTER, high=HUE_JITTER)
-    sat, val = draw(low=0.35, high=0.65), draw(low=0.35, high=0.65)
+    sat, val = draw(low=0.35, high=0.65), draw(low=VALUE[0], high=VALUE[1])
     random_hue, random_sat = draw(), draw(low=0.0, high=0.12)
     p["background"] = np.stack([np.where(has_palette, hue, random_hue), np.where(has_palette, sat, random_sat), val], 1)
 
@@ -253,31 +256,31 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
     slope = draw(low=LAYOUT_SLOPE[0], high=LAYOUT_SLOPE[1]) * has_layout
     p["layout"] = np.stack([np.cos(phi) * slope, np.sin(phi) * slope], 1)
 
-    # objects: 2-3 cue shapes (slots 0-2) and 0-2 distractors (slots 3-4) on distinct cells of a
+    # objects: cue shapes (first slots) and distractors (last slots) on distinct cells of a
     # jittered 3x3 grid; they contrast with the background in brightness, their hue is random
-    n_cue = 2 + (draw() < 0.5)
+    lo, hi = CUE_OBJECTS
+    n_cue = lo + (draw() * (hi - lo + 1)).astype(int)
     n_distractor = (draw() * (MAX_DISTRACTORS + 1)).astype(int)
-    distractor = len(SHAPES) + (draw(2) * len(DISTRACTOR_SHAPES)).astype(int)
-    cells = np.argsort(draw(9), axis=1)[:, :OBJECT_SLOTS]
-    slot = np.arange(OBJECT_SLOTS)
-    kind = np.full((len(values), OBJECT_SLOTS), -1)
-    kind = np.where((slot < n_cue[:, None]) & has_shape[:, None], shape[:, None], kind)
-    kind[:, 3:] = np.where(slot[3:] - 3 < n_distractor[:, None], distractor, -1)
-    centre = GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2) + draw(2 * OBJECT_SLOTS, -0.08, 0.08).reshape(-1, OBJECT_SLOTS, 2)
-    radius, rotation = draw(OBJECT_SLOTS, *OBJECT_RADIUS), draw(OBJECT_SLOTS, -0.2, 0.2)
-    bright = (val < 0.5)[:, None]
-    contrast = draw(OBJECT_SLOTS, 0.0, 0.2)
-    obj_val = np.where(bright, 1.0 - contrast, contrast)
-    obj_hsv = np.stack([draw(OBJECT_SLOTS), draw(OBJECT_SLOTS, 0, 0.5), obj_val], axis=2)
+    distractor = len(SHAPES) + (draw(MAX_DISTRACTORS) * len(DISTRACTOR_SHAPES)).astype(int)
+    slots = hi + MAX_DISTRACTORS
+    cells = np.argsort(draw(9), axis=1)[:, :slots]
+    slot = np.arange(slots)
+    kind = np.where((slot < n_cue[:, None]) & has_shape[:, None], shape[:, None], -1)
+    kind[:, hi:] = np.where(slot[hi:] - hi < n_distractor[:, None], distractor, -1)
+    centre = GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2) + draw(2 * slots, -0.08, 0.08).reshape(-1, slots, 2)
+    radius, rotation = draw(slots, *OBJECT_RADIUS), draw(slots, -0.2, 0.2)
+    contrast = draw(slots, 0.0, 0.2)
+    obj_val = np.where((val < 0.5)[:, None] & BOTH_POLARITIES, 1.0 - contrast, contrast)
+    obj_hsv = np.stack([draw(slots), draw(slots, 0, 0.5), obj_val], axis=2)
     p["object_kind"] = kind
     p["object_geometry"] = np.concatenate([centre, radius[..., None], rotation[..., None]], axis=2)  # (B, slot, 4)
     p["object_colour"] = _hsv_to_rgb(obj_hsv)  # (B, slot, 3)
-    assert draw.used == _DRAWS, f"scene used {draw.used} draws, expected {_DRAWS}"
+    assert draw.used <= _DRAWS, f"a scene needs {draw.used} draws, more than _DRAWS = {_DRAWS}"
     return p
 
 
-_DRAWS = 82
-"""Uniforms per image consumed by :func:`_scene` (checked there)."""
+_DRAWS = 128
+"""Uniforms drawn per image, at least as many as :func:`_scene` consumes (checked there)."""
 
 
 # --------------------------------------------------------------------------- rendering
@@ -319,7 +322,7 @@ def _render(p: dict[str, np.ndarray], noise: np.ndarray, size: int) -> np.ndarra
     # objects, painted in slot order with 1-px antialiased edges
     pixels_per_unit = size / 2.0
     alpha = np.empty(image.shape[:3], np.float32)
-    for slot in range(p["object_kind"].shape[1]):
+    for slot in range(p["object_kind"].shape[1]):  # painted in slot order
         kinds = p["object_kind"][:, slot]
         alpha[:] = 0.0
         for kind in np.unique(kinds[kinds >= 0]):
