@@ -19,6 +19,7 @@ from privenc.data.synthetic import (
     TEXTURES,
     VOCABULARY,
     SyntheticSource,
+    _SDF,
     cue_values,
 )
 
@@ -61,6 +62,7 @@ def test_load_equals_generate_all(small):
         np.testing.assert_array_equal(small.load(i), images[i])
     # batching and chunking do not change an image
     np.testing.assert_array_equal(small.generate([5, 70, 3], chunk=2), images[[5, 70, 3]])
+    np.testing.assert_array_equal(np.stack(small.load_many([9, 1])), images[[9, 1]])
 
 
 def test_images_depend_only_on_seed_category_index():
@@ -101,6 +103,27 @@ def test_cue_values_are_injective_within_a_group_and_shared_across_groups():
     # both groups use the same vocabularies, paired differently
     assert ASSIGNMENT["g1"] != ASSIGNMENT["g2"]
     assert not set(ASSIGNMENT["g1"]) & set(ASSIGNMENT["g2"])
+
+
+def test_no_two_categories_are_confusable_in_several_cues():
+    """Neighbouring values (one step on the circle of orientations, hues or directions) are easy
+    to confuse; no pair of categories may be neighbours in two cue types, and similar shapes never
+    come with neighbouring textures (else one noisy cue would decide between them)."""
+    similar_shapes = {frozenset(p) for p in [("disk", "square"), ("disk", "ring"), ("square", "ring"), ("plus", "cross")]}
+    for group, rows in ASSIGNMENT.items():
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                neighbours = [min((a[t] - b[t]) % 8, (b[t] - a[t]) % 8) <= 1 for t in (1, 2, 3)]
+                assert sum(neighbours) <= 1, (group, a, b)
+                if frozenset((VOCABULARY["shape"][a[0]], VOCABULARY["shape"][b[0]])) in similar_shapes:
+                    assert not neighbours[0], (group, a, b)
+
+
+def test_vocabulary_shapes_have_nearly_equal_ink():
+    """A blurred image must not reveal the shape through the amount of dark pixels."""
+    u = np.linspace(-1.6, 1.6, 401, dtype=np.float32)
+    areas = [(sdf(u[None, :], u[:, None]) < 0).mean() * 3.2**2 for sdf in _SDF[: len(VOCABULARY["shape"])]]
+    assert max(areas) / min(areas) < 1.35
 
 
 def test_cue_presence_statistics():

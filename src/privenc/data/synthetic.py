@@ -9,7 +9,8 @@ structure at any resolution, deterministically, in seconds:
 * Categories come in groups (built-in: ``g1`` and ``g2``, eight categories each, like the paper's
   two groups of ten). Every category has one value of each of four **cue types**:
 
-  - ``shape``   — two or three objects of one of 8 shapes (fine detail: a 17-px box blur erases it);
+  - ``shape``   — two or three dark objects of one of 8 shapes (fine detail: a 17-px box blur
+    erases it);
   - ``texture`` — a background grating at one of 8 orientations (fine detail, erased by blur);
   - ``palette`` — the background hue, one of 8 hues, heavily jittered (coarse; survives blur);
   - ``layout``  — the direction in which the scene brightens, one of 8 (coarse; survives blur).
@@ -33,17 +34,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privenc.data.base import DataError, Source
+from privenc.data.base import DataError, Source, close_matches
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bump whenever the pictures change for a given (seed, category, index, size); part of the
 fingerprint, so stale caches are rebuilt."""
 
 CUE_TYPES = ("shape", "texture", "palette", "layout")
-CUE_PROBABILITY = 0.8
+CUE_PROBABILITY = 0.85
 """Each cue is present in an image independently with this probability (at least one always is)."""
 
-SHAPES = ("disk", "square", "triangle", "plus", "ring", "diamond", "cross", "bars")
+SHAPES = ("disk", "square", "triangle", "plus", "ring", "dots", "cross", "bars")
 DISTRACTOR_SHAPES = ("half_disk", "corner")
 """Neutral objects drawn in every category: clutter that belongs to no category's vocabulary."""
 TEXTURES = tuple(f"{22.5 * k:g}deg" for k in range(8))
@@ -52,13 +53,17 @@ LAYOUTS = ("bright-E", "bright-SE", "bright-S", "bright-SW", "bright-W", "bright
 VOCABULARY = {"shape": SHAPES, "texture": TEXTURES, "palette": PALETTES, "layout": LAYOUTS}
 
 # Category k of a group -> value index of each cue type (shape, texture, palette, layout).
-# Every column is a permutation of 0..7 (any single cue identifies the category within its
-# group); the two groups share the vocabularies with different pairings.
+# Every column is a permutation of 0..7, so any single cue identifies the category within its
+# group; the two groups share the vocabularies with different pairings. The pairings were chosen
+# by a random search so that no two categories of a group are neighbours (one step apart on the
+# circle of orientations, hues or directions) in more than one cue type, and none pairs similar
+# shapes (disk/square/ring, plus/cross) with neighbouring textures:
+# confusable pairs would make detection depend on a single cue.
 ASSIGNMENT: dict[str, list[tuple[int, int, int, int]]] = {
-    "g1": [(0, 1, 2, 3), (1, 4, 7, 2), (2, 7, 4, 1), (3, 2, 1, 0),
-           (4, 5, 6, 7), (5, 0, 3, 6), (6, 3, 0, 5), (7, 6, 5, 4)],
-    "g2": [(5, 0, 6, 2), (0, 5, 5, 5), (3, 2, 4, 0), (6, 7, 3, 3),
-           (1, 4, 2, 6), (4, 1, 1, 1), (7, 6, 0, 4), (2, 3, 7, 7)],
+    "g1": [(0, 0, 7, 6), (1, 2, 4, 1), (2, 1, 1, 4), (3, 6, 0, 0),
+           (4, 5, 5, 5), (5, 4, 3, 7), (6, 3, 6, 3), (7, 7, 2, 2)],
+    "g2": [(5, 4, 6, 6), (0, 6, 0, 7), (3, 1, 5, 0), (6, 7, 2, 5),
+           (1, 0, 7, 3), (4, 3, 4, 4), (7, 5, 3, 1), (2, 2, 1, 2)],
 }
 BUILTIN_GROUPS: dict[str, list[str]] = {g: [f"{g}c{k}" for k in range(len(rows))] for g, rows in ASSIGNMENT.items()}
 
@@ -74,18 +79,20 @@ LAYOUT_JITTER = 0.7
 LAYOUT_SLOPE = (0.08, 0.16)
 """Brightness gained per unit of distance along the layout direction (the image spans 2 units)."""
 PIXEL_NOISE = 0.04
-VALUE = (0.45, 0.75)
+BACKGROUND_VALUE = (0.45, 0.75)
+"""Background brightness range (HSV value), well above the objects' OBJECT_VALUE."""
 TEXTURE_PERIOD = 0.25
 """Grating period (unit coordinates: 4.5 px at 36 px, far below the Naive Blur box width)."""
 TEXTURE_AMPLITUDE = (0.04, 0.09)
 TEXTURE_JITTER = 0.12
 """Orientation jitter (radians, uniform +-); orientations are pi/8 apart."""
 OBJECT_RADIUS = (0.24, 0.31)
-"""Object size range (unit coordinates: 3.6-4.9 px at 36 px)."""
+"""Object size range (unit coordinates: a radius of 4.3-5.6 px at 36 px)."""
 CUE_OBJECTS = (2, 3)
 """How many objects of the category's shape an image shows (inclusive range) when the cue is present."""
+OBJECT_VALUE = (0.0, 0.2)
 GRID_STEP = 0.55
-BOTH_POLARITIES = False
+"""Spacing of the 3x3 grid of object positions (unit coordinates), jittered by +-0.08."""
 MAX_DISTRACTORS = 1
 """Neutral distractor objects per image: 0 to this many (cue objects + distractors <= 9 grid cells)."""
 
@@ -121,7 +128,7 @@ class SyntheticSource(Source):
                 raise DataError(f"synthetic group {group!r} is empty")
             for c in cats:
                 if c not in _CATEGORY_KEY:
-                    raise DataError(f"synthetic group {group!r}: unknown category {c!r}; "
+                    raise DataError(f"synthetic group {group!r}: unknown category {c!r}{close_matches(c, _CATEGORY_KEY)}; "
                                     f"the synthetic categories are {', '.join(_CATEGORY_KEY)}")
         self.categories = list(dict.fromkeys(c for cats in self.groups.values() for c in cats))
         self._rows = [(c, n) for c in self.categories for n in range(per_category)]
@@ -143,6 +150,9 @@ class SyntheticSource(Source):
 
     def load(self, index: int) -> np.ndarray:
         return self.generate([index])[0]
+
+    def load_many(self, indices: list[int]) -> list[np.ndarray]:
+        return list(self.generate(indices))
 
     def generate_all(self, cues: Sequence[str] | None = None) -> np.ndarray:
         """All images, ``[N, size, size, 3]`` uint8, in ``ids`` order (vectorized: seconds for thousands)."""
@@ -235,7 +245,7 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
 
     # palette: background colour; a random, barely saturated colour when the cue is absent
     hue = palette / len(PALETTES) + draw(low=-HUE_JITTER, high=HUE_JITTER)
-    sat, val = draw(low=0.35, high=0.65), draw(low=VALUE[0], high=VALUE[1])
+    sat, val = draw(low=0.35, high=0.65), draw(low=BACKGROUND_VALUE[0], high=BACKGROUND_VALUE[1])
     random_hue, random_sat = draw(), draw(low=0.0, high=0.12)
     p["background"] = np.stack([np.where(has_palette, hue, random_hue), np.where(has_palette, sat, random_sat), val], 1)
 
@@ -257,7 +267,8 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
     p["layout"] = np.stack([np.cos(phi) * slope, np.sin(phi) * slope], 1)
 
     # objects: cue shapes (first slots) and distractors (last slots) on distinct cells of a
-    # jittered 3x3 grid; they contrast with the background in brightness, their hue is random
+    # jittered 3x3 grid; dark silhouettes (one polarity: shapes are learned twice as fast) of a
+    # random hue, so that they carry no palette information
     lo, hi = CUE_OBJECTS
     n_cue = lo + (draw() * (hi - lo + 1)).astype(int)
     n_distractor = (draw() * (MAX_DISTRACTORS + 1)).astype(int)
@@ -269,9 +280,9 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
     kind[:, hi:] = np.where(slot[hi:] - hi < n_distractor[:, None], distractor, -1)
     centre = GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2) + draw(2 * slots, -0.08, 0.08).reshape(-1, slots, 2)
     radius, rotation = draw(slots, *OBJECT_RADIUS), draw(slots, -0.2, 0.2)
-    contrast = draw(slots, 0.0, 0.2)
-    obj_val = np.where((val < 0.5)[:, None] & BOTH_POLARITIES, 1.0 - contrast, contrast)
-    obj_hsv = np.stack([draw(slots), draw(slots, 0, 0.5), obj_val], axis=2)
+    obj_val = draw(slots, *OBJECT_VALUE)
+    obj_hue, obj_sat = draw(slots), draw(slots, 0.0, 0.5)
+    obj_hsv = np.stack([obj_hue, obj_sat, obj_val], axis=2)
     p["object_kind"] = kind
     p["object_geometry"] = np.concatenate([centre, radius[..., None], rotation[..., None]], axis=2)  # (B, slot, 4)
     p["object_colour"] = _hsv_to_rgb(obj_hsv)  # (B, slot, 3)
@@ -342,6 +353,8 @@ def _render(p: dict[str, np.ndarray], noise: np.ndarray, size: int) -> np.ndarra
 
 
 # Signed distances (approximate; negative inside) of the shapes in local coordinates, radius ~1.
+# The vocabulary shapes have nearly equal areas (2.0 +- 0.3 squared radii), so that a blurred
+# image does not reveal the shape through the amount of dark ink.
 def _box(x, y, hx, hy):
     return np.maximum(np.abs(x) - hx, np.abs(y) - hy)
 
@@ -357,15 +370,15 @@ def _polygon(x, y, normals_deg, offset):
 
 _DIAG = np.float32(np.sqrt(0.5))
 _SDF = [
-    lambda x, y: np.sqrt(x * x + y * y) - 0.85,  # disk
-    lambda x, y: _box(x, y, 0.78, 0.78),  # square
-    lambda x, y: _polygon(x, y + 0.2, [90, 210, 330], 0.55),  # triangle, apex up
+    lambda x, y: np.sqrt(x * x + y * y) - 0.8,  # disk
+    lambda x, y: _box(x, y, 0.72, 0.72),  # square
+    lambda x, y: _polygon(x, y - 0.31, [90, 210, 330], 0.62),  # triangle, apex up
     lambda x, y: np.minimum(_box(x, y, 0.3, 1.0), _box(x, y, 1.0, 0.3)),  # plus
     lambda x, y: np.abs(np.sqrt(x * x + y * y) - 0.72) - 0.24,  # ring
-    lambda x, y: _polygon(x, y, [45, 135, 225, 315], 0.7),  # diamond
+    lambda x, y: np.minimum(np.sqrt((x + 0.66) ** 2 + y * y), np.sqrt((x - 0.66) ** 2 + y * y)) - 0.52,  # dots
     lambda x, y: np.minimum(_box(_DIAG * (x + y), _DIAG * (x - y), 0.28, 1.05),
                             _box(_DIAG * (x + y), _DIAG * (x - y), 1.05, 0.28)),  # cross
-    lambda x, y: _box(x, np.abs(y) - 0.5, 0.95, 0.2),  # bars
+    lambda x, y: _box(x, np.abs(y) - 0.5, 0.95, 0.25),  # bars
     lambda x, y: np.maximum(np.sqrt(x * x + (y - 0.35) ** 2) - 0.95, y - 0.35),  # half_disk
     lambda x, y: np.minimum(_box(x + 0.55, y, 0.22, 0.9), _box(x, y - 0.68, 0.77, 0.22)),  # corner
 ]
