@@ -113,3 +113,12 @@ def test_negative_ce_is_minus_the_classifier_loss() -> None:
 def test_unknown_encoder_loss_lists_the_valid_names() -> None:
     with pytest.raises(ValueError, match="label_flip, standard_gan, negative_ce"):
         encoder_private_loss("wasserstein", torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_balanced_accuracy_is_the_mean_recall_and_ignores_unlabelled():
+    from privenc.adversarial import balanced_accuracy
+
+    labels = torch.tensor([0, 0, 0, 1, -1])
+    # always "0": recall 1 on class 0, 0 on class 1 -> 0.5 (plain accuracy would say 0.75)
+    assert balanced_accuracy(torch.tensor([0, 0, 0, 0, 0]), labels) == 0.5
+    assert balanced_accuracy(torch.tensor([0, 1, 0, 1, 1]), labels) == pytest.approx((2 / 3 + 1) / 2)

@@ -119,3 +119,24 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkey
     with pytest.raises(TrainingError, match=r"non-finite .* at step 10.*last good checkpoint is .*last\.pt \(step 9\)"):
         train(longer, tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == good
+
+
+def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
+    """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
+    import privenc.train as train_module
+    from dataclasses import replace
+
+    calls = {"classifier": 0, "encoder": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train_module, "classifier_step", counting("classifier", train_module.classifier_step))
+    monkeypatch.setattr(train_module, "encoder_step", counting("encoder", train_module.encoder_step))
+    config = replace(tiny_config, train=replace(tiny_config.train, classifier_steps=3))
+    train(config, tmp_path / "run", progress=False)
+    t = config.train
+    assert calls == {"classifier": t.warmup_iters + 3 * t.iters, "encoder": t.iters}

@@ -131,12 +131,24 @@ def encoder_step(
 
 
 @torch.no_grad()
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present in ``labels`` (negative = unlabelled, ignored) of the fraction
+    of them predicted right."""
+    recalls = [float((predictions[labels == c] == c).float().mean()) for c in labels.unique() if c >= 0]
+    return sum(recalls) / len(recalls) if recalls else float("nan")
+
+
 def evaluate(
     players: Players,
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
 ) -> dict[str, float]:
     """Validation accuracy of the current classifiers on the current encoder (Table 1, top
     block: 'within adversarial training'), and collapse diagnostics of the encoder output.
+
+    Accuracies are balanced (the mean of the per-class recalls): the training images are the
+    union of every task's images, so a private category is a minority there and plain accuracy
+    would credit a classifier that always answers "no"; balanced, chance is 1/K as in the
+    verification protocol's balanced test sets.
 
     Everything runs in eval mode (running statistics), as the fixed encoder would be used.
     Collapse diagnostics (Sec. 4.2): the variance over images of each pre-tanh output element;
@@ -147,24 +159,27 @@ def evaluate(
     for m in modules:
         m.eval()
     try:
-        correct = torch.zeros(len(players.private_classifiers))
-        desirable_correct = 0.0
-        count = 0
+        private_hits: list[list[torch.Tensor]] = [[] for _ in players.private_classifiers]
+        desirable_hits: list[torch.Tensor] = []
+        private_truth: list[torch.Tensor] = []
+        desirable_truth: list[torch.Tensor] = []
         pre_tanh = []
         for images, private_labels, desirable_labels in batches:
             encodings = players.encoder(images).float()
             # atanh recovers the normalized output that the tanh squashed (clamped for safety).
             pre_tanh.append(torch.atanh(encodings.clamp(-1 + 1e-6, 1 - 1e-6)).flatten(1).cpu())
+            private_truth.append(private_labels.cpu())
             for k, classifier in enumerate(players.private_classifiers):
-                correct[k] += (classifier(encodings).argmax(1) == private_labels[:, k]).sum().cpu()
+                private_hits[k].append(classifier(encodings).argmax(1).cpu())
             if players.desirable_classifier is not None:
-                hits = players.desirable_classifier(encodings).argmax(1) == desirable_labels
-                desirable_correct += float(hits.sum())
-            count += images.shape[0]
-        variance = torch.cat(pre_tanh).var(dim=0)
-        result = {f"val_private{k}_acc": float(correct[k]) / count for k in range(len(correct))}
+                desirable_hits.append(players.desirable_classifier(encodings).argmax(1).cpu())
+                desirable_truth.append(desirable_labels.cpu())
+        truth = torch.cat(private_truth)
+        result = {f"val_private{k}_acc": balanced_accuracy(torch.cat(hits), truth[:, k])
+                  for k, hits in enumerate(private_hits)}
         if players.desirable_classifier is not None:
-            result["val_desirable_acc"] = desirable_correct / count
+            result["val_desirable_acc"] = balanced_accuracy(torch.cat(desirable_hits), torch.cat(desirable_truth))
+        variance = torch.cat(pre_tanh).var(dim=0)
         result["collapse_zero_var_frac"] = float((variance < 1e-4).float().mean())
         result["collapse_low_var_frac"] = float((variance < 0.5).float().mean())
         result["output_var_mean"] = float(variance.mean())

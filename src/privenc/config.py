@@ -130,6 +130,9 @@ class TrainConfig:
     """Classifier-only iterations against the randomly initialised encoder."""
     iters: int = 1000
     """Alternating (classifier step, encoder step) iterations after warm-up."""
+    classifier_steps: int = 1
+    """Classifier updates per encoder update in the adversarial phase (the paper alternates one
+    and one); more keeps the classifiers closer to the best response the encoder must defeat."""
     classifier_lr: float = 1e-3
     encoder_lr: float = 1e-3
     encoder_lr_decay: float = 0.5623413251903491
@@ -357,6 +360,7 @@ def validate(config: Config) -> None:
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")
     _require(t.warmup_iters >= 0 and t.iters >= 0, "train.warmup_iters and train.iters must be >= 0")
+    _require(t.classifier_steps >= 1, f"train.classifier_steps must be >= 1, got {t.classifier_steps}")
     for key in ("classifier_lr", "encoder_lr"):
         _require(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
     _require(0 < t.encoder_lr_decay <= 1, "train.encoder_lr_decay must be in (0, 1]")

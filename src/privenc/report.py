@@ -263,8 +263,8 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
     sections = ["# privenc report", "", f"Built from: {', '.join(str(p) for p in inputs)}", ""]
     if runs:
         sections += ["## Table 1 — private-task accuracy within adversarial training vs after verification", "",
-                     "Within training: the adversarially trained private classifier on validation images (mean of "
-                     "the last quarter of logged evaluations). Verification: the strongest fresh attacker "
+                     "Within training: the adversarially trained private classifier on validation images, balanced "
+                     "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. Verification: the strongest fresh attacker "
                      "(selected by validation accuracy) on the fixed encoder.", "", t1, ""]
     if records:
         sections += ["## Table 2 — test accuracy under the verification protocol", "", t2, ""]

@@ -171,8 +171,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     while step < total:
         images, private_labels, desirable_labels = to_device(next(stream))
 
-        # (1) classifiers: cross-entropy on true labels, encoder fixed (warm-up: this step only)
+        # (1) classifiers: cross-entropy on true labels, encoder fixed (warm-up: this step only);
+        # classifier_steps of them, each on its own batch, before each encoder step
         stats = classifier_step(classifier_players, classifier_opt, images, private_labels, desirable_labels, t.amp)
+        for _ in range(t.classifier_steps - 1 if step >= t.warmup_iters else 0):
+            stats = classifier_step(classifier_players, classifier_opt, *to_device(next(stream)), t.amp)
 
         # (2) encoder: private term + alpha * desirable CE, classifiers fixed, a different batch
         if step >= t.warmup_iters:
