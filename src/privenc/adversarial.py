@@ -130,7 +130,6 @@ def encoder_step(
     return stats
 
 
-@torch.no_grad()
 def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present in ``labels`` (negative = unlabelled, ignored) of the fraction
     of them predicted right."""
@@ -138,6 +137,7 @@ def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return sum(recalls) / len(recalls) if recalls else float("nan")
 
 
+@torch.no_grad()
 def evaluate(
     players: Players,
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
