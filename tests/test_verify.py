@@ -146,9 +146,10 @@ def test_equalize_is_rank_per_location():
 
 
 def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
+    """jobs=2: the two encoders train in parallel processes, then the cells run in parallel."""
     from privenc.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
+    report = run_demo(tmp_path / "demo", tiny_config, jobs=2, progress=False)
     text = report.read_text()
     assert "## Table 1" in text and "## Table 2" in text
     for loss in ("label_flip", "standard_gan"):

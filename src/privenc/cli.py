@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and Blur baselines on the private, desirable and one other task, and write "
                                    "the report. A rerun reuses finished steps.")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--jobs", type=int, default=2, help="verification cells in parallel (default 2)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="processes in parallel: the two trainings, then verification cells (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)

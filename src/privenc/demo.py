@@ -8,11 +8,16 @@ task, the desirable task and one other task, then the report.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from multiprocessing import get_context
 from pathlib import Path
 
-from privenc.config import Config, load_config
+import torch
+
+from privenc.config import Config, from_dict, load_config
 from privenc.grid import run_grid
 from privenc.report import build_report
 from privenc.train import train
@@ -28,17 +33,29 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
     config = config or load_config("demo")
     out_dir = Path(out_dir)
     started = time.time()
-    runs = []
+    runs, todo = [], []
     for loss in ENCODER_LOSSES:
         run_dir = out_dir / "runs" / loss
         runs.append(str(run_dir))
         if (run_dir / "encoder.pt").exists():
             log.info("demo: %s already trained, reusing it", run_dir)
-            continue
-        variant = replace(config, train=replace(config.train, encoder_loss=loss))
-        log.info("demo: training the %s encoder (%d + %d iterations)", loss, config.train.warmup_iters,
-                 config.train.iters)
-        train(variant, run_dir, resume=(run_dir / "checkpoints" / "last.pt").exists(), progress=progress)
+        else:
+            todo.append((replace(config, train=replace(config.train, encoder_loss=loss)), run_dir))
+    if todo:
+        log.info("demo: training %s (%d + %d iterations each)%s", ", ".join(d.name for _, d in todo),
+                 config.train.warmup_iters, config.train.iters,
+                 f", {min(jobs, len(todo))} in parallel" if jobs > 1 and len(todo) > 1 else "")
+    if jobs > 1 and len(todo) > 1:
+        # One process per encoder, the cores shared between them: small convolutions use one
+        # core well and several poorly. The bars would interleave; metrics.jsonl has the progress.
+        threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_train_one, variant.to_dict(), str(run_dir), threads) for variant, run_dir in todo]
+            for future in futures:
+                log.info("demo: trained %s", future.result())
+    else:
+        for variant, run_dir in todo:
+            train(variant, run_dir, resume=(run_dir / "checkpoints" / "last.pt").exists(), progress=progress)
     tasks = [*config.train.private[:1], *config.train.desirable[:1]]
     tasks.append(other_task or _other_task(config, tasks))
     log.info("demo: verifying %d encoders on %s", len(runs) + 2, ", ".join(tasks))
@@ -46,6 +63,13 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
     build_report([out_dir / "runs", out_dir / "grid"], out_dir / "report")
     log.info("demo: finished in %.1f min", (time.time() - started) / 60)
     return out_dir / "report" / "report.md"
+
+
+def _train_one(config_dict: dict, run_dir: str, threads: int) -> str:
+    torch.set_num_threads(threads)
+    path = Path(run_dir)
+    train(from_dict(config_dict), path, resume=(path / "checkpoints" / "last.pt").exists(), progress=False)
+    return run_dir
 
 
 def _other_task(config: Config, taken: list[str]) -> str:
