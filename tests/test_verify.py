@@ -165,3 +165,21 @@ def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
     before = (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns
     run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
     assert (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns == before
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    from privenc.report import wilson_halfwidth
+
+    # p = 0.8, n = 100: centre 0.7898, interval [0.7112, 0.8666] -> half-width 0.0777
+    assert abs(wilson_halfwidth(0.8, 100) - 0.0777) < 5e-4
+    assert wilson_halfwidth(0.5, 400) < wilson_halfwidth(0.5, 100)  # more test images, tighter
+
+
+def test_grid_runs_identity_cells_first(tiny_config, tmp_path, monkeypatch):
+    """The costliest cells start first, so that no worker idles at the end."""
+    import privenc.grid as grid
+
+    order = []
+    monkeypatch.setattr(grid, "_run_cell", lambda spec, task, *args: order.append((spec, task)))
+    grid.run_grid(["blur", "identity"], ["g1c0", "g1c1"], tiny_config, tmp_path / "grid", jobs=1)
+    assert order == [("identity", "g1c0"), ("identity", "g1c1"), ("blur", "g1c0"), ("blur", "g1c1")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,22 @@ def encoder_label(run: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+def wilson_halfwidth(accuracy: float, n: int, z: float = 1.96) -> float:
+    """Half-width of the 95% Wilson score interval of an accuracy measured on n test images
+    (the spread from the test set's size alone; attacker seeds add their own)."""
+    if n <= 0:
+        return float("nan")
+    centre_shift = z * z / (2 * n)
+    root = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    low = (accuracy + centre_shift - root) / (1 + z * z / n)
+    high = (accuracy + centre_shift + root) / (1 + z * z / n)
+    return (high - low) / 2
+
+
+def _pm(halfwidth: float | None) -> str:
+    return "" if halfwidth is None else f" ± {100 * halfwidth:.1f}"
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
@@ -94,14 +111,15 @@ def table1(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
             "within_training_val": run["within_val_private_acc"],
             "verified_val": verified["val_acc_best"] if verified else None,
             "verified_test": verified["test_acc_best"] if verified else None,
+            "verified_test_ci95": wilson_halfwidth(verified["test_acc_best"], verified["n_test"]) if verified else None,
             "verified_saturated": verified["saturated"] if verified else None,
         })
-    lines = ["| run | encoder | encoder loss | within training, val | verification, val | verification, test |",
+    lines = ["| run | encoder | encoder loss | within training, val | verification, val | verification, test (95% CI) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         note = "" if r["verified_saturated"] in (None, True) else " (not saturated)"
         lines.append(f"| {r['run']} | {r['encoder']} | {r['encoder_loss']} | {_pct(r['within_training_val'])} "
-                     f"| {_pct(r['verified_val'])} | {_pct(r['verified_test'])}{note} |")
+                     f"| {_pct(r['verified_val'])} | {_pct(r['verified_test'])}{_pm(r['verified_test_ci95'])}{note} |")
     return "\n".join(lines), rows
 
 
@@ -125,8 +143,10 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
                 continue
             mark = {"private": "−", "desirable": "+"}.get(r["role"], "")
             star = "" if r["saturated"] else "*"
-            cells.append(f"{mark}{r['test_acc_best']:.3f}{star}")
-            row["cells"][task] = {"test_acc": r["test_acc_best"], "role": r["role"], "saturated": r["saturated"],
+            ci = wilson_halfwidth(r["test_acc_best"], r["n_test"])
+            cells.append(f"{mark}{r['test_acc_best']:.3f}{star} ±{ci:.2f}")
+            row["cells"][task] = {"test_acc": r["test_acc_best"], "ci95": ci, "n_test": r["n_test"],
+                                  "role": r["role"], "saturated": r["saturated"],
                                   "chance": r["chance"], "info_bits": r["info_bits"]}
         name = enc if enc in order else f"{enc} ({labels.get(enc, '?')})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -267,7 +287,10 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
                      "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. Verification: the strongest fresh attacker "
                      "(selected by validation accuracy) on the fixed encoder.", "", t1, ""]
     if records:
-        sections += ["## Table 2 — test accuracy under the verification protocol", "", t2, ""]
+        sections += ["## Table 2 — test accuracy under the verification protocol", "",
+                     "Strongest attacker (selected on validation), test accuracy ± the half-width of its 95% "
+                     "Wilson interval from the number of test images; − private, + desirable, * not saturated.",
+                     "", t2, ""]
     if runs:
         sections += ["## Normalization ablation — collapse diagnostics", "",
                      "Fraction of pre-tanh output elements whose variance over validation images is ~0 "
