@@ -7,6 +7,7 @@ task, the desirable task and one other task, then the report.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from privenc.config import Config, from_dict, load_config
 from privenc.grid import run_grid
@@ -47,10 +49,12 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
                  f", {min(jobs, len(todo))} in parallel" if jobs > 1 and len(todo) > 1 else "")
     if jobs > 1 and len(todo) > 1:
         # One process per encoder, the cores shared between them: small convolutions use one
-        # core well and several poorly. The bars would interleave; metrics.jsonl has the progress.
+        # core well and several poorly. One bar follows both through their metrics logs.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_train_one, variant.to_dict(), str(run_dir), threads) for variant, run_dir in todo]
+            _follow([run_dir for _, run_dir in todo], futures, config.train.warmup_iters + config.train.iters,
+                    progress)
             for future in futures:
                 log.info("demo: trained %s", future.result())
     else:
@@ -63,6 +67,23 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
     build_report([out_dir / "runs", out_dir / "grid"], out_dir / "report")
     log.info("demo: finished in %.1f min", (time.time() - started) / 60)
     return out_dir / "report" / "report.md"
+
+
+def _follow(run_dirs: list[Path], futures: list, steps_each: int, progress: bool) -> None:
+    """One progress bar over parallel trainings, fed by the steps their metrics logs reach."""
+    bar = tqdm(total=steps_each * len(run_dirs), desc="train (parallel)", unit="it", dynamic_ncols=True,
+               disable=not progress)
+    while not all(f.done() for f in futures):
+        time.sleep(2)
+        done = 0
+        for run_dir in run_dirs:
+            try:
+                lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+                done += json.loads(lines[-1])["step"] if lines else 0
+            except (OSError, ValueError, KeyError):
+                pass  # not started yet, or a line being written: the next poll reads it
+        bar.update(max(0, done - bar.n))
+    bar.close()
 
 
 def _train_one(config_dict: dict, run_dir: str, threads: int) -> str:
