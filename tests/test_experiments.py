@@ -27,3 +27,22 @@ def test_every_reproduction_run_is_a_valid_config():
     assert load_config("demo", runs["variance_batch"]).encoder.norm == "batch"
     assert load_config("demo", runs["standard_gan"]).train.encoder_loss == "standard_gan"
     assert load_config("demo", runs["label_flip-seed1"]).train.seed == 1
+
+
+def test_summarize_reports_the_spread_over_seeds(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("summarize", SCRIPT.with_name("summarize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = {"encoder": "lf", "task": "g1c0", "role": "private", "attacker": "paper", "n_test": 100, "saturated": True}
+    records = [dict(base, seed=0, val_acc_best=0.70, test_acc_best=0.60),
+               dict(base, seed=1, val_acc_best=0.75, test_acc_best=0.80)]
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "verify.json").write_text(json.dumps(records))
+    monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path)])
+    module.main()
+    row = capsys.readouterr().out.splitlines()[-1]
+    # two attackers, mean 0.70, sd 0.141, the strongest by validation is seed 1 (0.80)
+    assert row.startswith("| lf | g1c0 | private | 2 | 0.700 | 0.141 | 0.800 ± 0.0")
