@@ -254,7 +254,7 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
     for run in runs:
         encoder = load_encoder(Path(run["path"]))
         with torch.no_grad():
-            rows.append((encoder_label(run) + f" ({run['encoder_loss']})", encoder(images)))
+            rows.append((f"{run['name']}\n{encoder_label(run)}\n({run['encoder_loss']}, {run['norm']})", encoder(images)))
     count = min(count, n)
     fig, axes = plt.subplots(len(rows), count, figsize=(1.3 * count, 1.4 * len(rows)), squeeze=False)
     for row, (title, tensor) in enumerate(rows):
