@@ -165,9 +165,9 @@ def _resume_changed(how: str):
         run = Path(shutil.copytree(run, tmp_path / "run"))
         argv = ["-q", "train", "--resume", str(run), "--no-progress"]
         if how == "set":
-            return [*argv, "--set", "train.alpha=0.5"]
+            return [*argv, "--set", "train.alpha=0.25"]
         config = (run / "config.toml").read_text()
-        (run / "config.toml").write_text(config.replace("alpha = 0.0625", "alpha = 0.5"))
+        (run / "config.toml").write_text(config.replace("alpha = 0.5", "alpha = 0.25"))
         return argv
     return build
 
@@ -268,9 +268,9 @@ CATALOGUE = {
     "encoder file of another architecture": (_verify_other_architecture,
                                              r"encoder\.pt: encoder does not match this architecture"),
     "resume with a changed --set": (_resume_changed("set"),
-                                    r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.0625 -> 0\.5"),
+                                    r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume with an edited config.toml": (_resume_changed("edit"),
-                                          r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.0625 -> 0\.5"),
+                                          r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
 }
