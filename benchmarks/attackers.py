@@ -36,18 +36,10 @@ from privenc.models import Encoder, build_attacker
 from privenc.stream import BatchStream
 from privenc.verify import Encoded, encode_task, fit_classifier
 
-from fixtures import JpegDataset
+from fixtures import JpegDataset, frozen_encoder
 from measure import Row, compare, interleave
 
 CPU = torch.device("cpu")
-
-
-def frozen_encoder(config: Config) -> Encoder:
-    torch.manual_seed(config.train.seed)
-    encoder = Encoder(config.encoder, config.data.image_size).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder
 
 
 def encode(config: Config, data: TaskData) -> Encoded:

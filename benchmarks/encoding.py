@@ -13,26 +13,17 @@ from torch.utils.data import DataLoader
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.data.transforms import eval_transform, train_transform
-from privenc.models import Encoder
 from privenc.verify import encode_task
 
-from fixtures import JpegDataset
+from fixtures import JpegDataset, frozen_encoder
 from measure import Row, compare, interleave
 
 SPLITS = ("train", "val", "test")
 
 
-def _frozen_encoder(config: Config) -> Encoder:
-    torch.manual_seed(config.train.seed)
-    encoder = Encoder(config.encoder, config.data.image_size).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder
-
-
 def encoding(label: str, config: Config, data: TaskData, jpegs: dict[str, list[Path]], repeats: int) -> list[Row]:
     """One pass over the train (one augmented view), val and test pools per timed unit."""
-    encoder = _frozen_encoder(config)
+    encoder = frozen_encoder(config)
     batch = config.verify.batch_size
     count = sum(len(data.indices[s]) for s in SPLITS)
     # encode_task encodes for the first task (its labels); keep that one

@@ -18,8 +18,18 @@ from torch.utils.data import Dataset
 from privenc.config import Config, load_config
 from privenc.data import TaskData, prepare
 from privenc.data.images import resize_square
+from privenc.models import Encoder
 
 PLACES_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "places365-mini"
+
+
+def frozen_encoder(config: Config) -> Encoder:
+    """A randomly initialised encoder of ``config``, seeded, in eval mode, without gradients."""
+    torch.manual_seed(config.train.seed)
+    encoder = Encoder(config.encoder, config.data.image_size).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
 
 
 def demo_config(cache_dir: Path, *overrides: str) -> Config:
