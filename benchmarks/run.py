@@ -37,7 +37,7 @@ from measure import Section, load_average, machine
 from tables import median_of, table, targets, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("flops", "train", "threads", "encode", "attack", "several", "load", "changes")
+SECTIONS = ("flops", "train", "layout", "threads", "encode", "attack", "several", "load", "changes")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,10 +109,20 @@ def main(argv: list[str] | None = None) -> int:
             paper_jpegs = fixtures.jpeg_files(paper_data, paper_data.indices["train"], tmp_dir / "jpeg-paper")
             section = run("(a) adversarial iteration, paper preset", training.adversarial_iteration,
                           f"paper (batch {args.paper_batch}, CPU)", paper, paper_data, paper_jpegs,
-                          min(repeats, 3), iters=1, channels_last=False)
+                          min(repeats, 3), iters=1)
             section.notes.append(f"Paper preset on a CPU: batch {args.paper_batch} instead of 128 and one iteration "
                                  f"per run, {min(repeats, 3)} runs, so that it fits in minutes; "
                                  f"{fixtures.paper_data_note()}.")
+        if "layout" in only:
+            import attackers
+            import layout
+
+            run("CPU memory format, training", layout.adversarial_iteration, demo, demo_data, repeats,
+                iters=1 if quick else 3)
+            run("CPU memory format, Identity attacker", layout.attacker, "raw images (Identity)", demo,
+                layout.raw_images(demo, demo_data), repeats, iters=5 if quick else 20)
+            run("CPU memory format, attacker on encodings", layout.attacker, "demo encodings", demo,
+                attackers.encode(demo, demo_data), repeats, iters=20 if quick else 100)
         if "threads" in only:
             import training
 

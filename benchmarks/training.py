@@ -28,6 +28,7 @@ from privenc.adversarial import classifier_step, encoder_step
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.data.transforms import train_transform
+from privenc.models import channels_last_wanted
 from privenc.stream import BatchStream
 from privenc.train import build_players, desirable_target
 
@@ -43,12 +44,15 @@ def _split_labels(labels: torch.Tensor, n_private: int, has_desirable: bool):
 class LibraryTrainer:
     """The training loop's inner step, run on the library's own stream and steps."""
 
-    def __init__(self, config: Config, data: TaskData, channels_last: bool = False) -> None:
+    def __init__(self, config: Config, data: TaskData, channels_last: bool | None = None) -> None:
         t = config.train
         torch.manual_seed(t.seed)
         self.config = config
         self.n_private = len(t.private)
         self.players = build_players(config, data, self.n_private)
+        # None: the library's choice for a CPU (train.channels_last = "auto" -> channels-last)
+        if channels_last is None:
+            channels_last = channels_last_wanted(t.channels_last, torch.device("cpu"))
         self.channels_last = channels_last
         if channels_last:
             for module in [self.players.encoder, *self.players.classifiers()]:
@@ -131,15 +135,14 @@ class NaiveTrainer:
 
 
 def adversarial_iteration(label: str, config: Config, data: TaskData, jpegs: list[Path], repeats: int,
-                          iters: int, channels_last: bool = True) -> list[Row]:
-    """Images/s of one training iteration: naive baseline vs the library (vs channels-last)."""
+                          iters: int) -> list[Row]:
+    """Images/s of one training iteration: naive baseline vs the library (in its default memory
+    format; benchmarks/layout.py compares the formats)."""
     images_per_iter = 2 * config.train.batch_size
     variants = {
         "naive: PIL decode per item, eager fp32": NaiveTrainer(config, data, jpegs),
         "privenc: uint8 cache + library steps": LibraryTrainer(config, data),
     }
-    if channels_last:
-        variants["privenc + channels_last (CPU)"] = LibraryTrainer(config, data, channels_last=True)
     rates = interleave({name: (lambda tr=trainer: tr.iterations(iters) * images_per_iter)
                         for name, trainer in variants.items()}, repeats)
     return compare(f"(a) adversarial iteration, {label}", rates, next(iter(rates)), "images/s")

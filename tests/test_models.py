@@ -21,6 +21,7 @@ from privenc.models import (
     PerLocationBatchNorm,
     build_attacker,
     build_encoder,
+    channels_last_wanted,
     make_norm,
     receptive_field,
 )
@@ -88,6 +89,41 @@ def test_running_stats_are_tracked_and_used_in_eval() -> None:
     slow(x)
     assert torch.allclose(slow.running_mean, 0.1 * x.mean(0), atol=1e-5)
     assert torch.allclose(slow.running_var, 0.9 + 0.1 * x.var(0, unbiased=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("scale, bias", [(True, True), (True, False), (False, False)])
+def test_per_location_bn_gives_the_same_numbers_on_a_channels_last_input(scale: bool, bias: bool) -> None:
+    torch.manual_seed(0)
+    plain = PerLocationBatchNorm(5, 4, 3, scale=scale, bias=bias)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.uniform_(0.5, 1.5)
+    nhwc = PerLocationBatchNorm(5, 4, 3, scale=scale, bias=bias)
+    nhwc.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 5, 4, 3) * 3 + 1
+    x_plain = x.clone().requires_grad_()
+    x_nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y_plain, y_nhwc = plain(x_plain), nhwc(x_nhwc)
+    assert y_nhwc.is_contiguous(memory_format=torch.channels_last) and not y_nhwc.is_contiguous()
+    torch.testing.assert_close(y_nhwc, y_plain)
+    grad = torch.randn_like(y_plain)
+    y_plain.backward(grad)
+    y_nhwc.backward(grad)
+    torch.testing.assert_close(x_nhwc.grad, x_plain.grad)
+    for a, b in zip(plain.parameters(), nhwc.parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+    torch.testing.assert_close(nhwc.running_mean, plain.running_mean)
+    torch.testing.assert_close(nhwc.running_var, plain.running_var)
+    assert nhwc.running_mean.is_contiguous()  # the buffers keep their (C, H, W) layout
+    plain.eval(), nhwc.eval()
+    torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last)), plain(x))
+
+
+def test_channels_last_is_chosen_by_setting_and_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last_wanted("auto", cpu) and not channels_last_wanted("auto", cuda)
+    assert channels_last_wanted("true", cuda) and channels_last_wanted("true", cpu)
+    assert not channels_last_wanted("false", cpu)
 
 
 def test_per_location_bn_rejects_a_wrong_shape_and_a_single_image() -> None:

@@ -501,7 +501,8 @@ def test_a_non_finite_encoder_stops_training_with_the_step_and_last_checkpoint(f
         calls.append(1)
         if len(calls) == 2:  # step 11 of the resumed run; its last checkpoint is at step 9
             with torch.no_grad():
-                next(players.encoder.parameters()).view(-1)[0] = value
+                first = next(players.encoder.parameters())
+                first[(0,) * first.dim()] = value
         return real(players, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "encoder_step", poisoning)

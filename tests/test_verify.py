@@ -183,3 +183,29 @@ def test_grid_runs_identity_cells_first(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "_run_cell", lambda spec, task, *args: order.append((spec, task)))
     grid.run_grid(["blur", "identity"], ["g1c0", "g1c1"], tiny_config, tmp_path / "grid", jobs=1)
     assert order == [("identity", "g1c0"), ("identity", "g1c1"), ("blur", "g1c0"), ("blur", "g1c1")]
+
+
+def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
+    """verify.channels_last changes how tensors sit in memory, not what the attacker learns."""
+    from dataclasses import replace
+
+    from privenc.models import Classifier
+    from privenc.verify import Encoded, fit_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    y = {split: torch.randint(0, 2, (n,), generator=generator) for split, n in (("train", 96), ("val", 40),
+                                                                                   ("test", 40))}
+    # A learnable signal: the label shifts the mean of one channel.
+    x = {split: torch.randn(len(labels), 3, 8, 8, generator=generator) + labels.view(-1, 1, 1, 1) * torch.tensor(
+        [1.0, 0.0, 0.0]).view(1, 3, 1, 1) for split, labels in y.items()}
+    data = Encoded(x, y, num_classes=2)
+    results = {}
+    for layout in ("false", "true"):
+        settings = replace(tiny_config.verify, channels_last=layout, max_iters=30, eval_every=10, patience=50)
+        torch.manual_seed(0)
+        model = Classifier(tiny_config.classifier, 3, 2, 8)
+        results[layout] = fit_classifier(model, data, settings, 1e-3, 0, torch.device("cpu"))
+    plain, nhwc = results["false"], results["true"]
+    assert [row[1] for row in nhwc.curve] == [row[1] for row in plain.curve]
+    assert nhwc.test_acc_best == plain.test_acc_best > 0.6
+    assert abs(nhwc.test_ce_best - plain.test_ce_best) < 1e-4

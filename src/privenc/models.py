@@ -29,6 +29,17 @@ from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
 ENCODER_KINDS = ("learned", "identity", "blur")
 """What :func:`build_encoder` can build: the learned encoder and the paper's two baselines."""
 
+def channels_last_wanted(setting: str, device: torch.device) -> bool:
+    """Whether ``train.channels_last`` / ``verify.channels_last`` ("true" | "false" | "auto")
+    asks for the channels-last memory format on ``device``. "auto" means a CPU only: there the
+    demo's training iteration and the 'paper' attacker run faster in it (pooling and the
+    convolutions' oneDNN kernels prefer it; benchmarks/run.py, "CPU memory format"), while on
+    CUDA it is left off until benchmarks/gpu_check.py has measured it."""
+    if setting == "auto":
+        return device.type == "cpu"
+    return setting == "true"
+
+
 # --------------------------------------------------------------------------- normalization
 
 
@@ -89,41 +100,51 @@ class PerLocationBatchNorm(nn.Module):
         # Statistics in at least float32 (bf16 under autocast is too coarse): variances of
         # near-constant locations are exactly what the collapse diagnostics look at.
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        # A channels-last input is worked on as the (B, H, W, C) tensor it is in memory, with the
+        # (C, H, W) parameters and buffers viewed as (H, W, C): every operation below then reads
+        # and writes contiguous memory (on a CPU, mixing the two layouts costs several times more).
+        nhwc = x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        view = _to_nhwc if nhwc else _same
+        xf = view(xf)
+
+        def param(t: torch.Tensor) -> torch.Tensor:  # small: a contiguous copy broadcasts fastest
+            return view(t).contiguous() if nhwc else t
+
         if self.training:
             mean, var, centred, count = self._batch_stats(xf)
             with torch.no_grad():
                 # Like nn.BatchNorm2d: normalize with the biased variance, but track the
                 # unbiased one, the better estimate of the data's variance for eval mode.
                 unbiased = var * (count / (count - 1.0))
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
+                view(self.running_mean).lerp_(mean, self.momentum)
+                view(self.running_var).lerp_(unbiased, self.momentum)
                 self.num_batches_tracked.add_(1)
         else:
-            centred, var = xf - self.running_mean, self.running_var
-        # The (C, H, W) factor first, so that the batch sees a single product.
+            centred, var = xf - param(self.running_mean), param(self.running_var)
+        # The per-location factor first, so that the batch sees a single product.
         factor = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            factor = factor * self.weight
-        y = centred * factor  # (B, C, H, W)
+            factor = factor * param(self.weight)
+        y = centred * factor
         if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+            y = y + param(self.bias)
+        return (_from_nhwc(y) if nhwc else y).to(x.dtype)
 
     def _batch_stats(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]:
-        """Per-location mean and biased variance over the (global) batch, (C, H, W) each, the
-        centred input ``x - mean`` (B, C, H, W), and the number of images they were taken over."""
+        """Per-location mean and biased variance over the (global) batch (``x.shape[1:]`` each),
+        the centred input ``x - mean``, and the number of images they were taken over."""
         if _world_size() > 1:
             # Two passes, like the single-process path, rather than one all-reduce of sums and
             # sums of squares: E[x^2] - E[x]^2 cancels in float32 exactly where it matters, at
             # nearly constant locations (mean 12, std 0.1: outputs already off by 1e-4). The
             # count rides along so that ranks may hold different local batch sizes.
-            n = self.shape[0] * self.shape[1] * self.shape[2]
+            n = x[0].numel()
             local = torch.cat([x.sum(0).flatten(), x.new_full((1,), float(x.shape[0]))])
             sums = _differentiable_all_reduce(local)
             count = sums[-1].detach()
-            mean = (sums[:n] / count).view(self.shape)
+            mean = (sums[:n] / count).view(x.shape[1:])
             centred = x - mean
             squares = _differentiable_all_reduce(centred.square().sum(0))
             return mean, squares / count, centred, count
@@ -135,6 +156,20 @@ class PerLocationBatchNorm(nn.Module):
         mean = x.mean(0)
         centred = x - mean
         return mean, centred.square().mean(0), centred, float(x.shape[0])
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _to_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) -> the (..., H, W, C) view of the same memory."""
+    return t.movedim(-3, -1)
+
+
+def _from_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W), channels-last in memory."""
+    return t.movedim(-1, 1)
 
 
 def _world_size() -> int:

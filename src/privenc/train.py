@@ -32,7 +32,7 @@ from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
-from privenc.models import Classifier, Encoder
+from privenc.models import Classifier, Encoder, channels_last_wanted
 from privenc.stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,17 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     # ---- models and optimizers (identical initial weights on every rank: same seed)
     players = build_players(config, data, n_private)
+    channels_last = channels_last_wanted(t.channels_last, device)
     for module in [players.encoder, *players.classifiers()]:
         module.to(device)
-        if t.channels_last and device.type == "cuda":
+        if channels_last:
             module.to(memory_format=torch.channels_last)
     classifier_players, encoder_players = _data_parallel(players, world, device)
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
     def to_device(batch, transform=augment):
-        return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None,
+        return _to_device(batch, device, channels_last, n_private, players.desirable_classifier is not None,
                           transform)
 
     classifier_opt = torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas))
@@ -277,7 +278,7 @@ def _to_device(batch, device: torch.device, channels_last: bool, n_private: int,
     images = images.to(device, non_blocking=True)
     if transform is not None:
         images = transform(images)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)
     desirable = desirable_target(labels[:, n_private:]) if has_desirable else None
@@ -398,7 +399,9 @@ def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int) -> N
         "encoder_config": config.to_dict()["encoder"],
         "image_size": config.data.image_size,
         "output_shape": list(encoder.output_shape),
-        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        # Standard (contiguous) layout whatever train.channels_last was: the file is what
+        # encode / export / other tools load.
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
     })
 
 

@@ -31,7 +31,7 @@ from privenc.checkpoint import atomic_write_text, ensure_writable
 from privenc.config import Config, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
-from privenc.models import build_attacker, build_encoder
+from privenc.models import Classifier, build_attacker, build_encoder, channels_last_wanted
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,20 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
                    device: torch.device, family: str = "paper", progress: bool = False,
                    label: str = "") -> AttackerResult:
     """Train one classifier from scratch under the protocol. Shared by verification of learned
-    encoders, the Identity and Blur baselines and every attacker family of the zoo."""
+    encoders, the Identity and Blur baselines and every attacker family of the zoo.
+
+    Convolutional attackers (:class:`Classifier`) and their data take the channels-last memory
+    format where ``settings.channels_last`` asks for it on ``device``; the numbers do not depend
+    on it beyond float rounding."""
     model = model.to(device).train()
+    x_all = data.x
+    if isinstance(model, Classifier) and channels_last_wanted(settings.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+        # Converted once; indexing a batch out of a channels-last tensor keeps the format.
+        x_all = {split: x.contiguous(memory_format=torch.channels_last) for split, x in data.x.items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = data.x["train"], data.y["train"]
+    x_train, y_train = x_all["train"], data.y["train"]
     batch = min(settings.batch_size, len(x_train))
     saturation = Saturation(settings.patience, settings.min_delta)
     best_state, best_val, dropped_at = copy.deepcopy(model.state_dict()), -1.0, None
@@ -212,7 +221,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         if not torch.isfinite(loss):  # checked when evaluating (no GPU sync per step); NaN weights stay NaN
             raise VerificationError(f"{label or family}: non-finite attacker loss by iteration {iteration} "
                                     f"(lr {optimizer.param_groups[0]['lr']:g}); its accuracies would be meaningless")
-        val_acc, _ = _accuracy_and_ce(model, data.x["val"], data.y["val"], device)
+        val_acc, _ = _accuracy_and_ce(model, x_all["val"], data.y["val"], device)
         current_lr = optimizer.param_groups[0]["lr"]
         curve.append([iteration, val_acc, current_lr])
         if val_acc > best_val:
@@ -227,10 +236,10 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final, _ = _accuracy_and_ce(model, data.x["val"], data.y["val"], device)
-    test_final, _ = _accuracy_and_ce(model, data.x["test"], data.y["test"], device)
+    val_final, _ = _accuracy_and_ce(model, x_all["val"], data.y["val"], device)
+    test_final, _ = _accuracy_and_ce(model, x_all["test"], data.y["test"], device)
     model.load_state_dict(best_state)
-    test_best, test_ce = _accuracy_and_ce(model, data.x["test"], data.y["test"], device)
+    test_best, test_ce = _accuracy_and_ce(model, x_all["test"], data.y["test"], device)
     return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, best_val, test_best, test_ce,
                           val_final, test_final, curve, round(time.time() - started, 2))
 
