@@ -169,6 +169,9 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, x: torch
         results = {name: _bn_step(_make_distributed_bn(dtype), x[part].to(dtype), g[part].to(dtype))
                    for name, dtype in DTYPES.items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank that destroys the group while
+        # the other is still in a collective can abort it (seen once on a loaded 2-core machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
