@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +87,13 @@ def main() -> None:
         if (run / "encoder.pt").exists():
             print(f"  {run} is finished; skipped", flush=True)
             return
-        how = ["--resume", str(run), "--allow-config-change"] if (run / "checkpoints").exists() else ["--out", str(run)]
+        if (run / "checkpoints" / "last.pt").exists():
+            how = ["--resume", str(run), "--allow-config-change"]
+        else:
+            if run.exists():  # a run that failed before its first checkpoint: nothing to resume
+                print(f"  {run} has no checkpoint; starting it again", flush=True)
+                shutil.rmtree(run)
+            how = ["--out", str(run)]
         command([privenc, "train", *common, *[x for kv in spec[name] for x in ("--set", kv)], *how, "--no-progress"])
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

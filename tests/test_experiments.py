@@ -46,3 +46,26 @@ def test_summarize_reports_the_spread_over_seeds(tmp_path, monkeypatch, capsys):
     row = capsys.readouterr().out.splitlines()[-1]
     # two attackers, mean 0.70, sd 0.141, the strongest by validation is seed 1 (0.80)
     assert row.startswith("| lf | g1c0 | private | 2 | 0.700 | 0.141 | 0.800 ± 0.0")
+
+
+def test_reproduce_restarts_a_run_that_failed_before_its_first_checkpoint_and_resumes_the_others(
+        tmp_path, monkeypatch):
+    import sys
+
+    module = _module()
+    commands = []
+    monkeypatch.setattr(module, "command", commands.append)
+    out = tmp_path / "repro"
+    failed = out / "runs" / "label_flip"
+    (failed / "checkpoints").mkdir(parents=True)  # what a run killed before step checkpoint_every leaves
+    (failed / "config.toml").write_text("")
+    started = out / "runs" / "standard_gan"
+    (started / "checkpoints").mkdir(parents=True)
+    (started / "checkpoints" / "last.pt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--out", str(out), "--tasks", "g1c0", "g1c1", "g1c2",
+                                      "--only", "label_flip", "standard_gan", "--jobs", "1"])
+    module.main()
+    trains = {c[c.index("--out") + 1] if "--out" in c else c[c.index("--resume") + 1]: c for c in commands
+              if c[1] == "train"}
+    assert "--out" in trains[str(failed)] and not failed.exists()
+    assert "--resume" in trains[str(started)]
