@@ -140,3 +140,25 @@ def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     train(config, tmp_path / "run", progress=False)
     t = config.train
     assert calls == {"classifier": t.warmup_iters + 3 * t.iters, "encoder": t.iters}
+
+
+def test_within_training_validation_batches_are_a_fixed_random_sample_of_the_split(tiny_config):
+    from privenc.data import prepare
+    from privenc.train import _validation_batches
+
+    data = prepare(tiny_config.data, ["g1c0", "g1c1"])
+    split = data.dataset("val", augment=False)
+    labels = torch.stack([split[i][1] for i in range(len(split))])  # (N, 2): g1c0, g1c1
+    # The split is stored task by task, positives first: a slice from its start holds the
+    # positives of g1c0 and nothing else.
+    assert bool((labels[:3, 0] == 1).all())
+
+    def sample(seed):
+        return torch.cat([b[1] for b in _validation_batches(data, batch_size=2, count=3, seed=seed)])
+
+    drawn = sample(0)
+    assert len(drawn) == 6 < len(labels)
+    assert set(drawn[:, 0].tolist()) == {0, 1}  # both classes of the private task
+    assert bool(((drawn[:, 0] == 0) & (drawn[:, 1] == 0)).any())  # and images of neither task
+    assert torch.equal(drawn, sample(0))
+    assert not torch.equal(drawn, sample(1))

@@ -123,7 +123,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     stream = BatchStream(data.uint8_dataset("train"), t.batch_size, seed=t.seed,
                          num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
                          rank=world.rank, world_size=world.size)
-    val_batches = _validation_batches(data, t.batch_size, t.val_batches) if world.is_main else []
+    val_batches = _validation_batches(data, t.batch_size, t.val_batches, config.data.seed) if world.is_main else []
 
     # ---- models and optimizers (identical initial weights on every rank: same seed)
     players = build_players(config, data, n_private)
@@ -285,18 +285,19 @@ def _to_device(batch, device: torch.device, channels_last: bool, n_private: int,
     return images, labels[:, :n_private], desirable
 
 
-def _validation_batches(data: TaskData, batch_size: int, count: int) -> list:
-    """A fixed set of validation batches (evaluation transform, no shuffling)."""
+def _validation_batches(data: TaskData, batch_size: int, count: int, seed: int = 0) -> list:
+    """A fixed sample of ``count`` validation batches (evaluation transform), drawn at random
+    once (seeded): the split is stored task by task, category by category, so its first images
+    would be the positives of the first tasks only and every within-training accuracy would be
+    measured on a slice unlike the data."""
     dataset = data.dataset("val", augment=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) >= count:
-            break
-    if not batches:
+    if len(dataset) == 0:
         raise TrainingError("the validation split is empty: adjust data.split")
-    return batches
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    chosen = order[:count * batch_size].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=batch_size,
+                                         shuffle=False)
+    return list(loader)
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
