@@ -141,7 +141,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     log_every: int = 50
     val_batches: int = 4
-    """Validation batches used for the within-training accuracy and collapse diagnostics."""
+    """Validation batches (a fixed random sample of the split, drawn with data.seed) used for the
+    within-training accuracy and collapse diagnostics."""
     checkpoint_every: int = 500
     seed: int = 0
     device: str = "auto"
