@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         demo_jpegs = {s: fixtures.jpeg_files(demo_data, demo_data.indices[s], tmp_dir / "jpeg")
                       for s in ("train", "val", "test")}
         paper = fixtures.paper_config(cache_dir, args.paper_batch)
-        paper_data = fixtures.prepare_data(paper) if only & {"train", "load", "changes", "attack"} else None
+        paper_data = fixtures.prepare_data(paper) if only & {"train", "layout", "load", "changes", "attack"} else None
 
         def run(title: str, fn, *a, **kw) -> Section:
             t0 = time.time()
@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             import attackers
             import layout
 
-            run("CPU memory format, training", layout.adversarial_iteration, demo, demo_data, repeats,
+            run("CPU memory format, training", layout.adversarial_iteration, "demo", demo, demo_data, repeats,
                 iters=1 if quick else 3)
+            run("CPU memory format, training (paper)", layout.adversarial_iteration,
+                f"paper (batch {args.paper_batch}, CPU)", paper, paper_data, min(repeats, 3), iters=1)
             run("CPU memory format, Identity attacker", layout.attacker, "raw images (Identity)", demo,
                 layout.raw_images(demo, demo_data), repeats, iters=5 if quick else 20)
             run("CPU memory format, attacker on encodings", layout.attacker, "demo encodings", demo,
@@ -230,9 +232,13 @@ def run_header(command: str, repeats: int, wall: float, load_before: str) -> lis
              f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} in this process (the privenc "
              f"command line sets PASSIVE unless the variable is set)",
              f"- load average before / after: {load_before} / {load_average()}"]
+    # Busy if something else ran: load before the run, or more load at its end than this
+    # process's own threads account for (the 1-minute average then counts the benchmark itself).
     try:
-        busy = os.getloadavg()[0] > 0.5
-    except OSError:
+        after = os.getloadavg()[0]
+        before = float(load_before.split(" / ")[0])
+        busy = before > 0.5 or after > torch.get_num_threads() + 0.5
+    except (OSError, ValueError):
         busy = False
     if busy:
         lines.append("- **Measured under load from other processes** (the load average above counts them): "

@@ -28,7 +28,6 @@ from privenc.adversarial import classifier_step, encoder_step
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.data.transforms import train_transform
-from privenc.models import channels_last_wanted
 from privenc.stream import BatchStream
 from privenc.train import build_players, desirable_target
 
@@ -50,9 +49,9 @@ class LibraryTrainer:
         self.config = config
         self.n_private = len(t.private)
         self.players = build_players(config, data, self.n_private)
-        # None: the library's choice for a CPU (train.channels_last = "auto" -> channels-last)
+        # None: what the config asks for (train.channels_last), as training would do
         if channels_last is None:
-            channels_last = channels_last_wanted(t.channels_last, torch.device("cpu"))
+            channels_last = t.channels_last
         self.channels_last = channels_last
         if channels_last:
             for module in [self.players.encoder, *self.players.classifiers()]:
@@ -136,8 +135,8 @@ class NaiveTrainer:
 
 def adversarial_iteration(label: str, config: Config, data: TaskData, jpegs: list[Path], repeats: int,
                           iters: int) -> list[Row]:
-    """Images/s of one training iteration: naive baseline vs the library (in its default memory
-    format; benchmarks/layout.py compares the formats)."""
+    """Images/s of one training iteration: naive baseline vs the library (in the memory format
+    the preset asks for; benchmarks/layout.py compares the formats)."""
     images_per_iter = 2 * config.train.batch_size
     variants = {
         "naive: PIL decode per item, eager fp32": NaiveTrainer(config, data, jpegs),

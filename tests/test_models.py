@@ -21,7 +21,6 @@ from privenc.models import (
     PerLocationBatchNorm,
     build_attacker,
     build_encoder,
-    channels_last_wanted,
     make_norm,
     receptive_field,
 )
@@ -117,13 +116,6 @@ def test_per_location_bn_gives_the_same_numbers_on_a_channels_last_input(scale: 
     assert nhwc.running_mean.is_contiguous()  # the buffers keep their (C, H, W) layout
     plain.eval(), nhwc.eval()
     torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last)), plain(x))
-
-
-def test_channels_last_is_chosen_by_setting_and_device() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert channels_last_wanted("auto", cpu) and not channels_last_wanted("auto", cuda)
-    assert channels_last_wanted("true", cuda) and channels_last_wanted("true", cpu)
-    assert not channels_last_wanted("false", cpu)
 
 
 def test_per_location_bn_rejects_a_wrong_shape_and_a_single_image() -> None:

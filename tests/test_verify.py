@@ -200,12 +200,12 @@ def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
         [1.0, 0.0, 0.0]).view(1, 3, 1, 1) for split, labels in y.items()}
     data = Encoded(x, y, num_classes=2)
     results = {}
-    for layout in ("false", "true"):
+    for layout in (False, True):
         settings = replace(tiny_config.verify, channels_last=layout, max_iters=30, eval_every=10, patience=50)
         torch.manual_seed(0)
         model = Classifier(tiny_config.classifier, 3, 2, 8)
         results[layout] = fit_classifier(model, data, settings, 1e-3, 0, torch.device("cpu"))
-    plain, nhwc = results["false"], results["true"]
+    plain, nhwc = results[False], results[True]
     assert [row[1] for row in nhwc.curve] == [row[1] for row in plain.curve]
     assert nhwc.test_acc_best == plain.test_acc_best > 0.6
     assert abs(nhwc.test_ce_best - plain.test_ce_best) < 1e-4

@@ -149,10 +149,10 @@ class TrainConfig:
     """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N."""
     amp: bool = False
     """bf16 autocast on GPU."""
-    channels_last: str = "auto"
-    """Memory format of the networks and their inputs: true (channels-last), false (the default
-    NCHW) or auto = channels-last on a CPU, where benchmarks/run.py measured it faster, and NCHW
-    on CUDA until benchmarks/gpu_check.py has measured it there."""
+    channels_last: bool = False
+    """Channels-last memory format for the networks and their inputs, on any device. It depends
+    on the shapes: on a CPU it helps the demo's small maps and hurts the paper preset's
+    (benchmarks/layout.py, docs/performance.md), so presets turn it on where it was measured."""
 
 
 @dataclass
@@ -179,8 +179,8 @@ class VerifyConfig:
     """Cap per attacker; a run that reaches it is reported as 'not saturated'."""
     views: int = 4
     """Augmented views of each training image, encoded once and cached."""
-    channels_last: str = "auto"
-    """Memory format of the convolutional attackers: true | false | auto (as train.channels_last)."""
+    channels_last: bool = False
+    """Channels-last memory format for the convolutional attackers (see train.channels_last)."""
 
 
 @dataclass
@@ -289,11 +289,6 @@ def build_section(section: str, cls: type, values: dict[str, Any]):
     return cls(**kwargs)
 
 
-# String options that also take a TOML boolean: "true" / "false" / "auto".
-BOOLEAN_OR_AUTO = ("channels_last",)
-LAYOUT_CHOICES = ("auto", "true", "false")
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -309,8 +304,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool) and key.rsplit(".", 1)[-1] in BOOLEAN_OR_AUTO:  # --set train.channels_last=true
-            return "true" if value else "false"
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -370,8 +363,6 @@ def validate(config: Config) -> None:
 
     _require(len(t.private) >= 1, "train.private must name at least one private task")
     _one_of("train.encoder_loss", t.encoder_loss, ENCODER_LOSSES)
-    _one_of("train.channels_last", t.channels_last, LAYOUT_CHOICES)
-    _one_of("verify.channels_last", v.channels_last, LAYOUT_CHOICES)
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")
     _require(t.warmup_iters >= 0 and t.iters >= 0, "train.warmup_iters and train.iters must be >= 0")

@@ -29,17 +29,6 @@ from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
 ENCODER_KINDS = ("learned", "identity", "blur")
 """What :func:`build_encoder` can build: the learned encoder and the paper's two baselines."""
 
-def channels_last_wanted(setting: str, device: torch.device) -> bool:
-    """Whether ``train.channels_last`` / ``verify.channels_last`` ("true" | "false" | "auto")
-    asks for the channels-last memory format on ``device``. "auto" means a CPU only: there the
-    demo's training iteration and the 'paper' attacker run faster in it (pooling and the
-    convolutions' oneDNN kernels prefer it; benchmarks/run.py, "CPU memory format"), while on
-    CUDA it is left off until benchmarks/gpu_check.py has measured it."""
-    if setting == "auto":
-        return device.type == "cpu"
-    return setting == "true"
-
-
 # --------------------------------------------------------------------------- normalization
 
 

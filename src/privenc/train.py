@@ -32,7 +32,7 @@ from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
-from privenc.models import Classifier, Encoder, channels_last_wanted
+from privenc.models import Classifier, Encoder
 from privenc.stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     # ---- models and optimizers (identical initial weights on every rank: same seed)
     players = build_players(config, data, n_private)
-    channels_last = channels_last_wanted(t.channels_last, device)
+    channels_last = t.channels_last
     for module in [players.encoder, *players.classifiers()]:
         module.to(device)
         if channels_last:

@@ -31,7 +31,7 @@ from privenc.checkpoint import atomic_write_text, ensure_writable
 from privenc.config import Config, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
-from privenc.models import Classifier, build_attacker, build_encoder, channels_last_wanted
+from privenc.models import Classifier, build_attacker, build_encoder
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,11 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     """Train one classifier from scratch under the protocol. Shared by verification of learned
     encoders, the Identity and Blur baselines and every attacker family of the zoo.
 
-    Convolutional attackers (:class:`Classifier`) and their data take the channels-last memory
-    format where ``settings.channels_last`` asks for it on ``device``; the numbers do not depend
-    on it beyond float rounding."""
+    With ``settings.channels_last``, convolutional attackers (:class:`Classifier`) and their data
+    take the channels-last memory format; the numbers do not depend on it beyond float rounding."""
     model = model.to(device).train()
     x_all = data.x
-    if isinstance(model, Classifier) and channels_last_wanted(settings.channels_last, device):
+    if isinstance(model, Classifier) and settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
         # Converted once; indexing a batch out of a channels-last tensor keeps the format.
         x_all = {split: x.contiguous(memory_format=torch.channels_last) for split, x in data.x.items()}
