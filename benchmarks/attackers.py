@@ -42,10 +42,11 @@ from measure import Row, compare, interleave
 CPU = torch.device("cpu")
 
 
-def encode(config: Config, data: TaskData) -> Encoded:
-    """The first task's encodings, as verification caches them (``verify.views`` train views)."""
+def encode(config: Config, data: TaskData, encoder: torch.nn.Module | None = None) -> Encoded:
+    """The first task's encodings by ``encoder`` (default: the seeded random encoder of
+    ``config``), as verification caches them (``verify.views`` train views)."""
     single = dataclasses.replace(data, tasks=data.tasks[:1], labels={s: v[:, :1] for s, v in data.labels.items()})
-    return encode_task(frozen_encoder(config), single, config.verify.views, config.verify.batch_size, CPU)
+    return encode_task(encoder or frozen_encoder(config), single, config.verify.views, config.verify.batch_size, CPU)
 
 
 def _settings(config: Config, iters: int) -> VerifyConfig:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.models import IdentityEncoder
-from privenc.verify import Encoded, encode_task
+from privenc.verify import Encoded
 
-from attackers import CPU, fit_on_cache
+from attackers import encode, fit_on_cache
 from measure import Row, compare, interleave
 from training import LibraryTrainer
 
@@ -44,9 +42,7 @@ def adversarial_iteration(label: str, config: Config, data: TaskData, repeats: i
 
 def raw_images(config: Config, data: TaskData) -> Encoded:
     """The first task's raw images as the Identity baseline's verification sees them."""
-    single = dataclasses.replace(data, tasks=data.tasks[:1], labels={s: v[:, :1] for s, v in data.labels.items()})
-    return encode_task(IdentityEncoder(config.data.image_size), single, config.verify.views,
-                       config.verify.batch_size, CPU)
+    return encode(config, data, IdentityEncoder(config.data.image_size))
 
 
 def attacker(label: str, config: Config, encoded: Encoded, repeats: int, iters: int) -> list[Row]:

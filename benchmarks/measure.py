@@ -119,6 +119,13 @@ def machine() -> dict[str, str]:
     return info
 
 
+def one_minute_load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def load_average() -> str:
     try:
         one, five, fifteen = os.getloadavg()

@@ -33,7 +33,7 @@ from privenc.data.cache import default_cache_dir
 
 import fixtures
 import flops
-from measure import Section, load_average, machine
+from measure import Section, load_average, machine, one_minute_load
 from tables import median_of, table, targets, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     repeats = args.repeats or (1 if quick else 5)
     cache_dir = args.cache_dir or default_cache_dir()
-    started, load_before = time.time(), load_average()
+    started, load_before, one_before = time.time(), load_average(), one_minute_load()
     command = " ".join(["python", "benchmarks/run.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     print(f"# {command}  ({repeats} interleaved repeats, {torch.get_num_threads()} torch threads)", flush=True)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         import demo_cost
 
         sections.append(demo_cost.section(quick))
-    header = run_header(command, repeats, wall, load_before)
+    header = run_header(command, repeats, wall, load_before, one_before)
     write_report(args.out, sections, header, static_text(sections))
     rows = [r for s in sections for r in s.rows]
     print(table(rows))
@@ -223,7 +223,7 @@ def bound_note(config, family: str, batch: int) -> str:
             f"to the re-encoding side, per-step overheads to both.")
 
 
-def run_header(command: str, repeats: int, wall: float, load_before: str) -> list[str]:
+def run_header(command: str, repeats: int, wall: float, load_before: str, one_before: float | None) -> list[str]:
     info = machine()
     lines = [f"- command: `{command}` ({repeats} interleaved repeats per comparison; wall time {wall:.0f} s)",
              f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -234,12 +234,9 @@ def run_header(command: str, repeats: int, wall: float, load_before: str) -> lis
              f"- load average before / after: {load_before} / {load_average()}"]
     # Busy if something else ran: load before the run, or more load at its end than this
     # process's own threads account for (the 1-minute average then counts the benchmark itself).
-    try:
-        after = os.getloadavg()[0]
-        before = float(load_before.split(" / ")[0])
-        busy = before > 0.5 or after > torch.get_num_threads() + 0.5
-    except (OSError, ValueError):
-        busy = False
+    after = one_minute_load()
+    busy = ((one_before is not None and one_before > 0.5)
+            or (after is not None and after > torch.get_num_threads() + 0.5))
     if busy:
         lines.append("- **Measured under load from other processes** (the load average above counts them): "
                      "absolute rates are lower and noisier than on an idle machine; the interleaved ratios "

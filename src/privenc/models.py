@@ -97,7 +97,7 @@ class PerLocationBatchNorm(nn.Module):
         xf = view(xf)
 
         def param(t: torch.Tensor) -> torch.Tensor:  # small: a contiguous copy broadcasts fastest
-            return view(t).contiguous() if nhwc else t
+            return view(t).contiguous()  # (a no-op on the NCHW path)
 
         if self.training:
             mean, var, centred, count = self._batch_stats(xf)

@@ -127,17 +127,16 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     # ---- models and optimizers (identical initial weights on every rank: same seed)
     players = build_players(config, data, n_private)
-    channels_last = t.channels_last
     for module in [players.encoder, *players.classifiers()]:
         module.to(device)
-        if channels_last:
+        if t.channels_last:
             module.to(memory_format=torch.channels_last)
     classifier_players, encoder_players = _data_parallel(players, world, device)
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
     def to_device(batch, transform=augment):
-        return _to_device(batch, device, channels_last, n_private, players.desirable_classifier is not None,
+        return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None,
                           transform)
 
     classifier_opt = torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas))
