@@ -5,8 +5,13 @@ library's current code, interleaved.
    that reduction over the batch (outermost) dimension is several times slower than a mean
    followed by a mean of squared deviations, the same two-pass formula; the library now
    computes the latter, reuses the centred input for the output, and folds the scale into
-   the (C, H, W) factor before touching the batch. Measured on the module alone (forward and
-   backward, at the demo's and the paper's largest feature maps) and on the demo iteration.
+   the (C, H, W) factor before touching the batch.
+   Then (commit after 9b9a683) the single-process path became one call of the native batch
+   norm kernel on the (B, C*H*W) view: per-location BN is BatchNorm1d over the flattened
+   locations, and the fused kernel's forward and backward make fewer passes over the batch
+   than the same formula in autograd operations (whose element-wise work was about a third of
+   a demo training step on a CPU). Measured on the module alone (forward and backward, at the
+   demo's and the paper's largest feature maps) and on the demo iteration, all three versions.
 2. ``ImageDataset.__getitem__`` copied the image out of the memmap, then transposed HWC ->
    CHW with ``permute().contiguous()`` (a second copy, slow for uint8); it now makes one
    transposing copy with numpy.
@@ -49,10 +54,46 @@ class VarMeanPerLocationBatchNorm(PerLocationBatchNorm):
         return y.to(x.dtype)
 
 
-def with_previous_norm(module: torch.nn.Module) -> torch.nn.Module:
+class TwoPassPerLocationBatchNorm(PerLocationBatchNorm):
+    """The single-process forward of commit 9b9a683: the two passes in autograd operations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        nhwc = x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        view = (lambda t: t.movedim(-3, -1)) if nhwc else (lambda t: t)
+        xf = view(xf)
+        if self.training:
+            mean = xf.mean(0)
+            centred = xf - mean
+            var = centred.square().mean(0)
+            count = float(x.shape[0])
+            with torch.no_grad():
+                view(self.running_mean).lerp_(mean, self.momentum)
+                view(self.running_var).lerp_(var * (count / (count - 1.0)), self.momentum)
+                self.num_batches_tracked.add_(1)
+        else:
+            centred, var = xf - view(self.running_mean).contiguous(), view(self.running_var).contiguous()
+        factor = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            factor = factor * view(self.weight).contiguous()
+        y = centred * factor
+        if self.bias is not None:
+            y = y + view(self.bias).contiguous()
+        return (y.movedim(-1, 1) if nhwc else y).to(x.dtype)
+
+
+NORM_VERSIONS = {
+    "first: torch.var_mean": VarMeanPerLocationBatchNorm,
+    "previous: two passes in autograd ops": TwoPassPerLocationBatchNorm,
+    "current: native batch_norm kernel on (B, C*H*W)": PerLocationBatchNorm,
+}
+NORM_BASELINE = "first: torch.var_mean"
+
+
+def with_norm(module: torch.nn.Module, version: type) -> torch.nn.Module:
     for child in module.modules():
-        if type(child) is PerLocationBatchNorm:
-            child.__class__ = VarMeanPerLocationBatchNorm  # same state, previous forward
+        if isinstance(child, PerLocationBatchNorm):
+            child.__class__ = version  # same state, that version's forward
     return module
 
 
@@ -63,11 +104,11 @@ def per_location_norm(config: Config, repeats: int, iters: int) -> list[Row]:
 
     t, size = config.train, config.data.image_size
 
-    def players(old: bool) -> tuple[Players, torch.optim.Optimizer, torch.optim.Optimizer]:
+    def players(version: type) -> tuple[Players, torch.optim.Optimizer, torch.optim.Optimizer]:
         torch.manual_seed(t.seed)
         encoder = Encoder(config.encoder, size)
         channels, height, _ = encoder.output_shape
-        made = Players(with_previous_norm(encoder) if old else encoder,
+        made = Players(with_norm(encoder, version),
                        torch.nn.ModuleList([Classifier(config.classifier, channels, 2, height)]),
                        Classifier(config.classifier, channels, 2, height))
         return (made, torch.optim.Adam(made.classifier_parameters(), lr=t.classifier_lr),
@@ -85,31 +126,27 @@ def per_location_norm(config: Config, repeats: int, iters: int) -> list[Row]:
             encoder_step(made, encoder_opt, images, private, desirable, t.encoder_loss, t.alpha)
         return iters
 
-    old, new = players(True), players(False)
-    rates = interleave({"previous: torch.var_mean": lambda: run(old),
-                        "current: two-pass, centred input reused": lambda: run(new)}, repeats)
-    return compare("library change: per-location BN, demo iteration", rates, "previous: torch.var_mean",
-                   "iterations/s")
+    made = {name: players(version) for name, version in NORM_VERSIONS.items()}
+    rates = interleave({name: (lambda setup=setup: run(setup)) for name, setup in made.items()}, repeats)
+    return compare("library change: per-location BN, demo iteration", rates, NORM_BASELINE, "iterations/s")
 
 
 def per_location_norm_module(repeats: int, shapes: tuple[tuple[int, ...], ...], iters: int = 2) -> list[Row]:
-    """Forward + backward of the module alone, previous vs current, at each (B, C, H, W)."""
+    """Forward + backward of the module alone, each version, at each (B, C, H, W)."""
     rows = []
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-        old = VarMeanPerLocationBatchNorm(*shape[1:], bias=False)
-        new = PerLocationBatchNorm(*shape[1:], bias=False)
+        modules = {name: version(*shape[1:], bias=False) for name, version in NORM_VERSIONS.items()}
 
         def run(module) -> int:
             for _ in range(iters):
                 module(x).backward(grad)
             return iters
 
-        rates = interleave({"previous: torch.var_mean": lambda: run(old),
-                            "current: two-pass, centred input reused": lambda: run(new)}, repeats)
-        rows += compare(f"library change: per-location BN module, {tuple(shape)}", rates,
-                        "previous: torch.var_mean", "forward+backward/s")
+        rates = interleave({name: (lambda m=m: run(m)) for name, m in modules.items()}, repeats)
+        rows += compare(f"library change: per-location BN module, {tuple(shape)}", rates, NORM_BASELINE,
+                        "forward+backward/s")
     return rows
 
 

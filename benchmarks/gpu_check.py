@@ -54,7 +54,7 @@ from privenc.verify import Encoded, fit_classifier  # noqa: E402
 
 import flops  # noqa: E402
 from attackers import VmappedAttackers  # noqa: E402
-from changes import with_previous_norm  # noqa: E402
+from changes import NORM_VERSIONS, with_norm  # noqa: E402
 
 PEAK = 989e12
 """Dense bf16 tensor-core peak of an H100 SXM and of an H200, FLOP/s."""
@@ -93,9 +93,9 @@ class StepVariant:
     amp: bool
     channels_last: bool
     compile: bool
-    previous_norm: bool = False
-    """The per-location BatchNorm forward before the CPU speed-up (benchmarks/changes.py), to
-    check that the change is no slower on a GPU."""
+    norm: str = ""
+    """An earlier per-location BatchNorm forward (a key of ``changes.NORM_VERSIONS``; empty: the
+    library's), to check that the CPU speed-ups are no slower on a GPU."""
 
 
 def build_step(config: Config, device: torch.device, variant: StepVariant):
@@ -103,8 +103,8 @@ def build_step(config: Config, device: torch.device, variant: StepVariant):
     torch.manual_seed(0)
     t, size, batch = config.train, config.data.image_size, config.train.batch_size
     encoder = Encoder(config.encoder, size)
-    if variant.previous_norm:
-        with_previous_norm(encoder)
+    if variant.norm:
+        with_norm(encoder, NORM_VERSIONS[variant.norm])
     channels, height, _ = encoder.output_shape
     private = nn.ModuleList([Classifier(config.classifier, channels, 2, height)])
     desirable = Classifier(config.classifier, channels, 2, height)
@@ -139,7 +139,8 @@ def training(config: Config, device: torch.device, rounds: int, seconds: float, 
              flops_per_iteration: float) -> tuple[list[list[str]], dict[str, float]]:
     variants = [StepVariant("eager fp32", False, False, False), StepVariant("bf16 autocast", True, False, False),
                 StepVariant("bf16 + channels_last", True, True, False),
-                StepVariant("bf16 + channels_last, previous per-location BN", True, True, False, previous_norm=True)]
+                *(StepVariant(f"bf16 + channels_last, per-location BN {name.split(':')[0]}", True, True, False, norm=name)
+                  for name in NORM_VERSIONS if not name.startswith("current"))]
     if use_compile:
         variants.append(StepVariant("bf16 + channels_last + torch.compile (encoder)", True, True, True))
     steps, notes = {}, {}

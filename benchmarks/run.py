@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 
-# As the privenc command line does (privenc.cli.main): OpenMP reads this once, when torch
-# loads it, so it is set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the privenc command line does (privenc.cli.main): sleeping OpenMP threads (OpenMP reads the
+# variable once, when torch loads it, so before torch is imported) and glibc's malloc keeping
+# freed blocks (privenc/runtime.py).
+from privenc.runtime import keep_freed_memory, tune_process  # noqa: E402  (imports no torch)
+
+tune_process()
 
 import argparse
 import datetime
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             best = max(section.rows, key=lambda r: r.median)
             section.notes.append(f"Fastest setting in this run: {best.variant.replace(' (baseline)', '')} "
                                  f"({best.median:.3g} iterations/s, {best.ratio or 1:.2f}x the torch defaults).")
+            run("CPU allocator", training.allocator_settings, cache_dir, min(repeats, 3),
+                iters=1 if quick else 2, batch_size=demo.train.batch_size)
         if "encode" in only:
             import encoding
 
@@ -231,6 +236,8 @@ def run_header(command: str, repeats: int, wall: float, load_before: str, one_be
              "- device: cpu" + ("" if not torch.cuda.is_available() else " (a GPU is present; see gpu_check.py)"),
              f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} in this process (the privenc "
              f"command line sets PASSIVE unless the variable is set)",
+             f"- malloc tuning (privenc/runtime.py): {'applied' if keep_freed_memory() else 'not applied'} in this "
+             f"process, as in the privenc command line",
              f"- load average before / after: {load_before} / {load_average()}"]
     # Busy if something else ran: load before the run, or more load at its end than this
     # process's own threads account for (the 1-minute average then counts the benchmark itself).

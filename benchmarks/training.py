@@ -151,17 +151,19 @@ def adversarial_iteration(label: str, config: Config, data: TaskData, jpegs: lis
 
 
 class _ThreadWorker:
-    """A process with a fixed inter-op thread count (settable once, before any parallel work)
-    and OpenMP wait policy (read once, when OpenMP starts) that times demo iterations on
-    request, so settings can be interleaved across processes."""
+    """A process with a fixed inter-op thread count (settable once, before any parallel work),
+    OpenMP wait policy (read once, when OpenMP starts) and malloc setting (privenc/runtime.py)
+    that times demo iterations on request, so settings can be interleaved across processes."""
 
-    def __init__(self, interop: int, wait_policy: str | None, cache_dir: Path, batch_size: int) -> None:
+    def __init__(self, interop: int, wait_policy: str | None, cache_dir: Path, batch_size: int,
+                 malloc_tuning: bool = True) -> None:
         command = [sys.executable, __file__, "--thread-worker", "--interop", str(interop),
                    "--cache-dir", str(cache_dir), "--batch-size", str(batch_size)]
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
         if wait_policy:
             env["OMP_WAIT_POLICY"] = wait_policy
+        env["PRIVENC_MALLOC_TUNING"] = "1" if malloc_tuning else "0"
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._expect("ready")
 
@@ -205,7 +207,31 @@ def thread_settings(cache_dir: Path, repeats: int, iters: int, batch_size: int) 
     return compare("CPU threads, demo iteration", rates, DEFAULT_THREADS, "iterations/s")
 
 
+def allocator_settings(cache_dir: Path, repeats: int, iters: int, batch_size: int) -> list[Row]:
+    """Demo iterations/s with glibc's malloc as it comes vs as privenc sets it (a large mmap
+    threshold and trim threshold, so freed activations are reused instead of faulted in again;
+    privenc/runtime.py), each in its own worker process, at 1 and 2 intra-op threads."""
+    workers = {tuned: _ThreadWorker(2, "PASSIVE", cache_dir, batch_size, malloc_tuning=tuned) for tuned in (False, True)}
+    try:
+        variants = {f"{'privenc: mmap 32 MiB, trim 1 GiB' if tuned else 'glibc defaults'}, intra-op {intra}":
+                    (lambda w=w, intra=intra: w.run(intra, iters))
+                    for intra in (1, 2) for tuned, w in workers.items()}
+        rates = interleave(variants, repeats, warmup=1)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rows = []
+    for intra in (1, 2):  # one comparison per thread count, each against glibc's defaults
+        subset = {name: r for name, r in rates.items() if name.endswith(f"intra-op {intra}")}
+        rows += compare(f"CPU allocator, demo iteration, {intra} thread{'s' if intra > 1 else ''}", subset,
+                        f"glibc defaults, intra-op {intra}", "iterations/s")
+    return rows
+
+
 def _thread_worker_main(interop: int, cache_dir: Path, batch_size: int) -> None:
+    from privenc.runtime import keep_freed_memory
+
+    keep_freed_memory()  # unless PRIVENC_MALLOC_TUNING=0, as the parent chose
     torch.set_num_interop_threads(interop)
     config = demo_config(cache_dir, f"train.batch_size={batch_size}")
     trainer = LibraryTrainer(config, prepare_data(config))

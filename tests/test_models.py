@@ -118,6 +118,45 @@ def test_per_location_bn_gives_the_same_numbers_on_a_channels_last_input(scale: 
     torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last)), plain(x))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_location_bn_forward_and_gradients_match_a_float64_reference(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    bn = PerLocationBatchNorm(3, 4, 5, scale=True, bias=True)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = skewed_batch(batch=16, shape=(3, 4, 5))
+    x32 = (x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()).requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    bn(x32).backward(grad)
+
+    # The formula, in float64 autograd operations: every (c, y, x) over the batch.
+    x64 = x.double().requires_grad_()
+    weight, bias = bn.weight.detach().double().requires_grad_(), bn.bias.detach().double().requires_grad_()
+    mean, var = x64.mean(0), x64.var(0, unbiased=False)
+    y64 = (x64 - mean) / torch.sqrt(var + bn.eps) * weight + bias
+    y64.backward(grad.double())
+
+    torch.testing.assert_close(bn.eval()(x32.detach()).double(), (x64.detach() - 0.1 * mean.detach()) /
+                               torch.sqrt(0.9 + 0.1 * x64.detach().var(0) + bn.eps) * weight.detach() + bias.detach(),
+                               atol=1e-4, rtol=1e-4)  # eval: the running statistics after one step
+    torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.weight.grad.double(), weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.bias.grad.double(), bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_per_location_bn_keeps_precision_at_nearly_constant_locations() -> None:
+    # Mean 100, std 0.01 in float32: a one-pass E[x^2] - E[x]^2 variance loses every digit here
+    # (1e4 * 6e-8 is larger than the variance, 1e-4); two passes keep the output within 1e-2.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 6, 6, generator=g, dtype=torch.float64) * 0.01 + 100
+    reference = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        y = PerLocationBatchNorm(4, 6, 6, scale=False, bias=False).train()(x.float().contiguous(
+            memory_format=memory_format))
+        assert (y.double() - reference).abs().max() < 1e-2
+
+
 def test_per_location_bn_rejects_a_wrong_shape_and_a_single_image() -> None:
     bn = PerLocationBatchNorm(2, 3, 3).train()
     with pytest.raises(ValueError, match="shape"):

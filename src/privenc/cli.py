@@ -266,12 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin at barriers collapse when the cores are shared (other processes,
-    # the demo's parallel verification workers): on a loaded 2-core machine a demo iteration ran
-    # several times faster with sleeping (PASSIVE) threads (docs/performance.md, "CPU threads").
-    # OpenMP reads this once when torch loads it, so it is set before any import of torch; a
-    # value set by the user wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Sleeping OpenMP threads (set before any import of torch: OpenMP reads it once) and a malloc
+    # that keeps freed activations for reuse instead of faulting them in again every step
+    # (privenc/runtime.py; docs/performance.md, "CPU threads" and "allocator").
+    from privenc.runtime import tune_process
+
+    tune_process()
     from privenc.checkpoint import CheckpointError
     from privenc.config import ConfigError
     from privenc.data.base import DataError

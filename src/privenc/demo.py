@@ -87,6 +87,9 @@ def _follow(run_dirs: list[Path], futures: list, steps_each: int, progress: bool
 
 
 def _train_one(config_dict: dict, run_dir: str, threads: int) -> str:
+    from privenc.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
     torch.set_num_threads(threads)
     path = Path(run_dir)
     train(from_dict(config_dict), path, resume=(path / "checkpoints" / "last.pt").exists(), progress=False)

@@ -33,8 +33,10 @@ def cell_dir(out_dir: Path, spec: str, task: str) -> Path:
 
 
 def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, device: str, threads: int) -> str:
+    from privenc.runtime import keep_freed_memory
     from privenc.verify import verify
 
+    keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
     torch.set_num_threads(threads)
     verify(spec, from_dict(config_dict), [task], Path(out), device=device, progress=False)
     return out
