@@ -7,8 +7,10 @@
 Memory is reported three ways: the peak RSS of the largest single process
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, which covers the demo's verification
 workers too once they are reaped), and the peaks of the summed PSS and summed RSS of the whole
-process tree, sampled from /proc every 0.2 s (the demo trains, then verifies in parallel worker
-processes, so the sum is what must fit in the machine). The target applies to the summed PSS
+process tree, sampled from /proc every 2 s (the demo trains, then verifies in parallel worker
+processes, so the sum is what must fit in the machine; its memory rises and falls in steps of
+minutes, not spikes). Reading PSS walks each process's page tables: sampling every 0.2 s took
+about a quarter of one core away from a demo that needs both. The target applies to the summed PSS
 (shared pages counted once); the summed RSS, which counts the shared libraries once per
 process, is an upper bound.
 """
@@ -64,7 +66,7 @@ def _tree_memory(root: int) -> tuple[int, int]:
     return pss, rss
 
 
-def measure(overrides: list[str], out_dir: Path, jobs: int | None = None) -> dict[str, float]:
+def measure(overrides: list[str], out_dir: Path, jobs: int | None = None, every: float = 2.0) -> dict[str, float]:
     """Run ``privenc demo --out out_dir`` with ``overrides``; wall time and peak memory."""
     command = [sys.executable, "-m", "privenc", "-q", "demo", "--out", str(out_dir), "--no-progress"]
     command += [f"--set={item}" for item in overrides]
@@ -76,7 +78,7 @@ def measure(overrides: list[str], out_dir: Path, jobs: int | None = None) -> dic
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(0.2):
+        while not done.wait(every):
             pss, rss = _tree_memory(process.pid)
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
 
@@ -119,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to privenc demo (repeatable)")
     parser.add_argument("--jobs", type=int, default=None, help="passed to privenc demo")
     parser.add_argument("--keep", type=Path, default=None, help="demo output folder to keep (default: a temp folder)")
+    parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples (default 2)")
     args = parser.parse_args(argv)
     overrides = (QUICK if args.quick else []) + args.overrides
     with tempfile.TemporaryDirectory(prefix="privenc-demo-cost-") as tmp:
         out = args.keep or Path(tmp) / "demo"
-        result = measure(overrides, out, args.jobs)
+        result = measure(overrides, out, args.jobs, args.sample_every)
     print(json.dumps(result, indent=1))
     print(summary(result, bool(overrides)))
     return 0
