@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             best = max(section.rows, key=lambda r: r.median)
             section.notes.append(f"Fastest setting in this run: {best.variant.replace(' (baseline)', '')} "
                                  f"({best.median:.3g} iterations/s, {best.ratio or 1:.2f}x the torch defaults).")
-            run("CPU allocator", training.allocator_settings, cache_dir, min(repeats, 3),
-                iters=1 if quick else 2, batch_size=demo.train.batch_size)
+            run("CPU allocator", training.allocator_settings, cache_dir, repeats,
+                iters=1 if quick else 6, batch_size=demo.train.batch_size)
         if "encode" in only:
             import encoding
 
