@@ -11,7 +11,9 @@ library's current code, interleaved.
    locations, and the fused kernel's forward and backward make fewer passes over the batch
    than the same formula in autograd operations (whose element-wise work was about a third of
    a demo training step on a CPU). Measured on the module alone (forward and backward, at the
-   demo's and the paper's largest feature maps) and on the demo iteration, all three versions.
+   demo's and the paper's largest feature maps) and on the demo iteration, all three versions
+   (in the iteration, the encoder's ReLUs are the current library's, not in place, for all
+   three: only the normalization differs).
 2. ``ImageDataset.__getitem__`` copied the image out of the memmap, then transposed HWC ->
    CHW with ``permute().contiguous()`` (a second copy, slow for uint8); it now makes one
    transposing copy with numpy.
