@@ -112,15 +112,17 @@ class PerLocationBatchNorm(nn.Module):
         def flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else view(t).reshape(-1)  # a view, or a small copy (NHWC)
 
+        # Through the (H, W, C) view the flattened buffers are copies (unless the view happens
+        # to be contiguous): decided from strides, not data pointers, so torch.compile traces it.
+        copied = not view(self.running_mean).is_contiguous()
         mean, var = flat_param(self.running_mean), flat_param(self.running_var)
         y = F.batch_norm(flat, mean, var, flat_param(self.weight), flat_param(self.bias), self.training,
                          self.momentum, self.eps)
         if self.training:
             with torch.no_grad():
                 # The kernel updated the running statistics in place (like nn.BatchNorm2d: the
-                # unbiased variance is tracked, the biased one normalizes); through the (H, W, C)
-                # view they are copies, to be written back.
-                if mean.data_ptr() != self.running_mean.data_ptr():
+                # unbiased variance is tracked, the biased one normalizes); copies are written back.
+                if copied:
                     view(self.running_mean).copy_(mean.view(x.shape[1:]))
                     view(self.running_var).copy_(var.view(x.shape[1:]))
                 self.num_batches_tracked.add_(1)
