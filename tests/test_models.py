@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from pathlib import Path
 
@@ -394,3 +395,25 @@ def test_wide_attacker_is_wider_and_deeper() -> None:
 def test_unknown_attacker_family_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="paper, wide, mlp, linear"):
         build_attacker("transformer", ClassifierConfig(), 3, 2, 8)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on a CPU needs a C compiler")
+def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input() -> None:
+    # benchmarks/gpu_check.py times a compiled encoder; the per-location BN must trace (no graph
+    # break on data pointers) and give eager's numbers, its running statistics included.
+    torch.manual_seed(0)
+    eager = Encoder(TINY, 16).to(memory_format=torch.channels_last)
+    compiled_module = Encoder(TINY, 16).to(memory_format=torch.channels_last)
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, *eager.output_shape)
+    eager(x).backward(grad)
+    compiled(x).backward(grad)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_module.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+    for a, b in zip(eager.parameters(), compiled_module.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-3, rtol=1e-3)
+    eager.eval(), compiled_module.eval()
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-4)
