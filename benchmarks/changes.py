@@ -75,12 +75,7 @@ class TwoPassPerLocationBatchNorm(PerLocationBatchNorm):
                 self.num_batches_tracked.add_(1)
         else:
             centred, var = xf - view(self.running_mean).contiguous(), view(self.running_var).contiguous()
-        factor = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            factor = factor * view(self.weight).contiguous()
-        y = centred * factor
-        if self.bias is not None:
-            y = y + view(self.bias).contiguous()
+        y = self._scale_centred(centred, var, view)  # unchanged since: the library's (its DDP path)
         return (y.movedim(-1, 1) if nhwc else y).to(x.dtype)
 
 

@@ -147,7 +147,11 @@ class PerLocationBatchNorm(nn.Module):
             view(self.running_mean).lerp_(mean, self.momentum)
             view(self.running_var).lerp_(unbiased, self.momentum)
             self.num_batches_tracked.add_(1)
-        # The per-location factor first, so that the batch sees a single product.
+        return self._scale_centred(centred, var, view)
+
+    def _scale_centred(self, centred: torch.Tensor, var: torch.Tensor, view) -> torch.Tensor:
+        """(x - mean) / sqrt(var + eps) * weight + bias, the parameters seen through ``view``.
+        The per-location factor first, so that the batch sees a single product."""
         factor = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             factor = factor * view(self.weight).contiguous()
