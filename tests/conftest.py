@@ -30,3 +30,10 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_config() -> Config:
     return load_config("demo", TINY)
+
+
+@pytest.fixture(autouse=True)
+def _progress_setting_per_test(monkeypatch):
+    # `privenc -q` run in-process (main([...])) sets PRIVENC_PROGRESS=0 for the process and its
+    # children; undone after each test so that no test depends on the order they ran in.
+    monkeypatch.setenv("PRIVENC_PROGRESS", "1")

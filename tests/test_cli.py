@@ -1,5 +1,6 @@
 """The command line: help, errors as one clear line, and the subcommands end to end."""
 
+import os
 import subprocess
 import sys
 
@@ -55,3 +56,18 @@ def test_train_verify_report_through_the_cli(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "privenc", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("privenc ")
+
+
+def test_quiet_silences_every_progress_bar_including_the_image_cache(tmp_path):
+    sets = [arg for s in TINY for arg in ("--set", s)]
+
+    def stderr_of(*flags: str, name: str) -> str:
+        env = {**os.environ, "PRIVENC_CACHE": str(tmp_path / f"cache-{name}")}  # built afresh: its bar shows
+        env.pop("PRIVENC_PROGRESS", None)
+        out = subprocess.run([sys.executable, "-m", "privenc", *flags, "train", *sets, "--out", str(tmp_path / name)],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "decoding synthetic images" in stderr_of(name="loud")
+    assert "decoding" not in stderr_of("-q", name="quiet")

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "against attackers retrained on the fixed encoder (Pittaluga et al., WACV 2019).",
     )
     parser.add_argument("--version", action="version", version=f"privenc {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (no progress bars)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train an encoder adversarially (writes a run folder)",
@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True  # -q: warnings and errors only, no bars either
+    if args.quiet or getattr(args, "no_progress", False):
+        from privenc.runtime import disable_progress
+
+        disable_progress()  # also the bars no argument reaches (the image cache), in workers too
     try:
         return int(args.func(args) or 0)
     # OSError: a missing file, a full disk, an unwritable folder (the writers name the file)

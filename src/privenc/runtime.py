@@ -18,6 +18,10 @@ Two things that a training or verification process on a CPU should not pay for:
 
 ``PRIVENC_MALLOC_TUNING=0`` leaves glibc's defaults alone; on other C libraries (macOS, musl)
 nothing is changed.
+
+Progress bars that no command argument reaches (building the image cache, deep inside data
+preparation) follow ``PRIVENC_PROGRESS``: the command line sets it to 0 for ``-q`` and
+``--no-progress``, and worker processes inherit it.
 """
 
 from __future__ import annotations
@@ -67,3 +71,13 @@ def tune_process() -> None:
     """Both settings; call first thing in a command or a worker process."""
     set_openmp_wait_policy()
     keep_freed_memory()
+
+
+def progress_enabled() -> bool:
+    """False when ``PRIVENC_PROGRESS`` is 0 (set by ``-q`` / ``--no-progress``)."""
+    return os.environ.get("PRIVENC_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def disable_progress() -> None:
+    """No progress bars in this process and the processes it starts."""
+    os.environ["PRIVENC_PROGRESS"] = "0"

@@ -31,6 +31,7 @@ from privenc.config import DataConfig
 from privenc.data.base import DataError, Source
 from privenc.data.files import digest
 from privenc.data.images import resize_square
+from privenc.runtime import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ def _decode(
         chunks: Iterable[list] = (decoder[c] for c in range(len(decoder)))
     else:
         chunks = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-    with tqdm(total=len(indices), desc=f"decoding {source.name} images at {load_size}px", unit="img") as bar:
+    with tqdm(total=len(indices), desc=f"decoding {source.name} images at {load_size}px", unit="img",
+              disable=not progress_enabled()) as bar:
         for chunk in chunks:
             yield from chunk
             bar.update(len(chunk))
