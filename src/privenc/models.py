@@ -132,9 +132,9 @@ class PerLocationBatchNorm(nn.Module):
         """Training under ``torch.distributed``: the statistics of the global batch.
 
         Two passes (as stable as the single-process kernel), rather than one all-reduce of sums
-        and sums of squares: E[x^2] - E[x]^2 cancels in float32 exactly where it matters, at nearly constant
-        locations (mean 12, std 0.1: outputs already off by 1e-4). The count rides along so
-        that ranks may hold different local batch sizes."""
+        and sums of squares: E[x^2] - E[x]^2 cancels in float32 exactly where it matters, at
+        nearly constant locations (mean 12, std 0.1: outputs already off by 1e-4). The count
+        rides along so that ranks may hold different local batch sizes."""
         n = x[0].numel()
         local = torch.cat([x.sum(0).flatten(), x.new_full((1,), float(x.shape[0]))])
         sums = _differentiable_all_reduce(local)
