@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from privenc.config import Config
 from privenc.data import ImageDataset, TaskData
-from privenc.models import PerLocationBatchNorm
+from privenc.models import PerLocationBatchNorm, _from_nhwc, _same, _to_nhwc
 
 from measure import Row, compare, interleave
 
@@ -62,7 +62,7 @@ class TwoPassPerLocationBatchNorm(PerLocationBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         nhwc = x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        view = (lambda t: t.movedim(-3, -1)) if nhwc else (lambda t: t)
+        view = _to_nhwc if nhwc else _same
         xf = view(xf)
         if self.training:
             mean = xf.mean(0)
@@ -76,7 +76,7 @@ class TwoPassPerLocationBatchNorm(PerLocationBatchNorm):
         else:
             centred, var = xf - view(self.running_mean).contiguous(), view(self.running_var).contiguous()
         y = self._scale_centred(centred, var, view)  # unchanged since: the library's (its DDP path)
-        return (y.movedim(-1, 1) if nhwc else y).to(x.dtype)
+        return (_from_nhwc(y) if nhwc else y).to(x.dtype)
 
 
 NORM_VERSIONS = {

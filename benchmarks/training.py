@@ -230,11 +230,9 @@ def allocator_settings(cache_dir: Path, repeats: int, iters: int, batch_size: in
     rates: dict[str, list[float]] = {name: [] for name in names.values()}
     try:
         for round_ in range(repeats + 1):  # the first round warms up (oneDNN caches, the heap)
-            seconds = {tuned: None for tuned in workers}
             for worker in workers.values():
                 worker.start(1, iters)
-            for tuned, worker in workers.items():
-                seconds[tuned] = worker.finish()
+            seconds = {tuned: worker.finish() for tuned, worker in workers.items()}
             if round_:
                 for tuned, elapsed in seconds.items():
                     rates[names[tuned]].append(iters / elapsed)

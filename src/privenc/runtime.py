@@ -51,7 +51,7 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("PRIVENC_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off("PRIVENC_MALLOC_TUNING"):
         return False
     name = ctypes.util.find_library("c")
     try:
@@ -75,9 +75,14 @@ def tune_process() -> None:
 
 def progress_enabled() -> bool:
     """False when ``PRIVENC_PROGRESS`` is 0 (set by ``-q`` / ``--no-progress``)."""
-    return os.environ.get("PRIVENC_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _switched_off("PRIVENC_PROGRESS")
 
 
 def disable_progress() -> None:
     """No progress bars in this process and the processes it starts."""
     os.environ["PRIVENC_PROGRESS"] = "0"
+
+
+def _switched_off(variable: str) -> bool:
+    """Whether an on-by-default environment switch is set to 0 / false / no / off."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
