@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ from privenc.config import DataConfig
 from privenc.data import (
     DataError, FolderSource, ImageDataset, LazyImages, inspect, open_images, open_source, prepare,
 )
+from privenc.data import cache
 from privenc.data.cache import cache_file
 from privenc.data.images import resize_square
 from privenc.data.transforms import eval_transform, train_transform
@@ -87,7 +92,8 @@ def test_cache_is_built_once_reused_and_equal_to_uncached(tmp_path, monkeypatch)
     assert bad == []
     path = cache_file(source, indices, cfg.load_size, Path(cfg.cache_dir))
     stat = path.stat()
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    lock = f".{path.name}.lock"  # kept: removing a lock file others may wait on would race
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name, lock])
 
     lazy = LazyImages(source, cfg.load_size)
     for i in indices:
@@ -129,7 +135,62 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(source, "load", fail_late)
     with pytest.raises(KeyboardInterrupt):
         open_images(source, np.arange(len(source)), cfg)
-    assert list(Path(cfg.cache_dir).iterdir()) == []
+    assert [p.name for p in Path(cfg.cache_dir).iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_cache_being_built_is_waited_for_not_built_twice(tmp_path, monkeypatch, caplog):
+    # The ranks of a node (or parallel grid cells) asking for the same cache at once: one
+    # builds, the others wait on its lock and then reuse the finished file.
+    pytest.importorskip("fcntl")
+
+    caplog.set_level(logging.INFO, logger="privenc.data.cache")
+    cfg = folder_cfg(tmp_path)
+    builder, waiter = open_source(cfg), open_source(cfg)
+    indices = np.arange(len(builder))
+    path = cache_file(builder, indices, cfg.load_size, Path(cfg.cache_dir))
+
+    def no_decoding(index):
+        raise AssertionError("the waiting process decoded images: the cache was built twice")
+
+    monkeypatch.setattr(waiter, "load", no_decoding)
+    result = {}
+    with cache._exclusive(path):
+        thread = threading.Thread(target=lambda: result.update(images=open_images(waiter, indices, cfg)[0]))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "waiting for another process" in caplog.text and thread.is_alive()
+        cache._build(path, builder, indices, cfg.load_size, skip_bad=False, num_workers=0)
+        built = path.stat().st_ino
+    thread.join(timeout=30)
+    assert path.stat().st_ino == built  # reused, not rebuilt and renamed over
+    np.testing.assert_array_equal(result["images"][5], resize_square(builder.load(5), 12))
+
+
+def test_a_builder_that_dies_hands_the_build_to_a_waiting_process(tmp_path):
+    # The kernel drops a dead process's lock; the process that waited finds no cache and builds it.
+    pytest.importorskip("fcntl")
+    cfg = folder_cfg(tmp_path)
+    source = open_source(cfg)
+    indices = np.arange(len(source))
+    path = cache_file(source, indices, cfg.load_size, Path(cfg.cache_dir))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from privenc.data import cache; "
+         "lock = cache._exclusive(Path(sys.argv[1])); lock.__enter__(); print('locked', flush=True); time.sleep(60)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(images=open_images(source, indices, cfg)[0]))
+        thread.start()
+        thread.join(timeout=1)
+        assert thread.is_alive() and not path.exists()  # waiting on the holder, not building
+    finally:
+        holder.kill()
+        holder.wait()
+    thread.join(timeout=30)
+    np.testing.assert_array_equal(result["images"][5], resize_square(source.load(5), 12))
 
 
 def test_cache_built_by_worker_processes(tmp_path):

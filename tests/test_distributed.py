@@ -1,9 +1,11 @@
-"""Scale-out under torchrun with 2 CPU processes (gloo): data-parallel training, resume under
-DDP, and a grid whose cells are spread over ranks. (Per-location statistics across ranks are
-checked against one process in test_models.py.)"""
+"""Scale-out under torchrun with CPU processes (gloo): data-parallel training, resume under
+DDP, two "nodes" on this machine meeting through a rendezvous, and a grid whose cells are
+spread over ranks. (Per-location statistics across ranks are checked against one process in
+test_models.py.)"""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,6 +43,32 @@ def test_data_parallel_training_and_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9, 12]
     assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
+
+
+def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_path):
+    # What `torchrun --nnodes 2 --rdzv_backend c10d ...` does on two machines, on one: two node
+    # agents of 2 ranks each, a shared run folder, a node-local image cache per node.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    nodes = []
+    for node in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVENC_CACHE": str(tmp_path / f"cache{node}")}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test",
+                   "-m", "privenc", "train", *_sets(), "--out", str(run), "--no-progress"]
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [node.communicate(timeout=240) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outs):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    # Each node's two ranks asked for the cache at once: one built it, the other waited for it.
+    assert [stderr.count("built image cache") for _, stderr in outs] == [1, 1]
+    assert all(len(list((tmp_path / f"cache{node}").glob("*.npy"))) == 1 for node in range(2))
+    assert sum(stdout.count("encoder written") for stdout, _ in outs) == 1  # rank 0 alone writes
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9]
+    assert len(ckpt.load(run / "checkpoints" / "last.pt")["rng_ranks"]) == 4
 
 
 def test_grid_cells_are_spread_over_ranks_and_run_once(tmp_path):

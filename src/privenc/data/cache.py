@@ -7,8 +7,11 @@ stored in a ``.npy`` memmap that all later runs (and DataLoader workers) share.
 
 The cache file is named by a hash of the source's fingerprint, the load size and the images
 it covers, built into a temporary file and renamed into place only when complete, so a crash
-never leaves a half cache that a later run would trust. Two processes racing to build the
-same cache both produce complete, identical files; the last rename wins.
+never leaves a half cache that a later run would trust. Processes that want the same cache at
+the same time (the ranks of a node under torchrun, parallel grid cells) take turns on a lock
+file beside it: the first builds, the others wait and then reuse its cache. Where locks are not
+available (no ``fcntl``), racing builders each produce a complete, identical file; the last
+rename wins.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,7 +116,9 @@ def open_images(source: Source, indices: np.ndarray, cfg: DataConfig) -> tuple[I
     path = cache_file(source, indices, cfg.load_size, cache_dir)
     meta = _read_meta(path, source, indices, cfg.load_size)
     if meta is None:
-        meta = _build(path, source, indices, cfg.load_size, cfg.skip_bad_images, cfg.num_workers)
+        with _exclusive(path):  # the first process builds it; the others wait, then read its cache
+            meta = (_read_meta(path, source, indices, cfg.load_size)
+                    or _build(path, source, indices, cfg.load_size, cfg.skip_bad_images, cfg.num_workers))
     else:
         log.info("reusing image cache %s", path)
     bad_rows = meta["bad_rows"]
@@ -146,6 +153,32 @@ def _read_meta(path: Path, source: Source, indices: np.ndarray, load_size: int) 
     return meta
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold the build lock of the cache file ``path`` (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builders may race (harmless, see the module's docstring)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish the image cache %s", path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _builder_id() -> str:
+    """Names this process's temporary files, unique even on storage that several hosts share."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _build(
     path: Path, source: Source, indices: np.ndarray, load_size: int, skip_bad: bool, num_workers: int
 ) -> dict[str, Any]:
@@ -158,7 +191,7 @@ def _build(
         raise OSError(errno.ENOSPC, f"the image cache {path} needs {needed / 2**20:.1f} MiB but {path.parent} "
                                     f"has {free / 2**20:.1f} MiB free: free some space, point data.cache_dir "
                                     f"elsewhere, or set data.cache = false")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_builder_id()}")
     bad_rows: list[int] = []
     bad_reasons: list[str] = []
     try:
@@ -180,7 +213,7 @@ def _build(
             "bad_ids": [source.ids[int(indices[r])] for r in bad_rows],
         }
         meta_path = path.with_suffix(".json")
-        meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
+        meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp-{_builder_id()}")
         meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
         # Description first, data last: a cache file present at its final name is complete.
         os.replace(meta_tmp, meta_path)
