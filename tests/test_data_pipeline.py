@@ -3,6 +3,7 @@ labels, run-folder records, resume), inspect and open_source, on tiny generated 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import subprocess
@@ -166,6 +167,21 @@ def test_a_cache_being_built_is_waited_for_not_built_twice(tmp_path, monkeypatch
     thread.join(timeout=30)
     assert path.stat().st_ino == built  # reused, not rebuilt and renamed over
     np.testing.assert_array_equal(result["images"][5], resize_square(builder.load(5), 12))
+
+
+def test_a_file_system_without_locks_still_gets_its_cache(tmp_path, monkeypatch, caplog):
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cfg = folder_cfg(tmp_path)
+    source = open_source(cfg)
+    with caplog.at_level(logging.WARNING, logger="privenc.data.cache"):
+        images, _ = open_images(source, np.arange(len(source)), cfg)
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+    np.testing.assert_array_equal(images[2], resize_square(source.load(2), 12))
 
 
 def test_a_builder_that_dies_hands_the_build_to_a_waiting_process(tmp_path):

@@ -164,10 +164,15 @@ def _exclusive(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish the image cache %s", path)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process to finish the image cache %s", path)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without locks (some network mounts): build unlocked
+            log.warning("cannot lock %s (%s); processes that need this cache now may each build it", lock.name, err)
+            yield
+            return
         try:
             yield
         finally:
