@@ -71,3 +71,37 @@ def test_quiet_silences_every_progress_bar_including_the_image_cache(tmp_path):
 
     assert "decoding synthetic images" in stderr_of(name="loud")
     assert "decoding" not in stderr_of("-q", name="quiet")
+
+
+def _sets(items) -> list[str]:
+    return [arg for s in items for arg in ("--set", s)]
+
+
+def test_quiet_is_accepted_before_or_after_the_subcommand():
+    parser = build_parser()
+    for argv, quiet in ((["verify", "identity", "--out", "v"], False), (["-q", "verify", "identity", "--out", "v"], True),
+                        (["verify", "identity", "--out", "v", "-q"], True), (["data", "inspect", "-q"], True)):
+        assert parser.parse_args(argv).quiet is quiet, argv
+
+
+def test_a_grid_checks_every_encoder_and_task_before_running_any_cell(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    assert main(["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", "g9c9", *_sets(TINY), "--out", str(grid)]) == 2
+    assert "task 'g9c9': unknown category" in capsys.readouterr().err
+    assert main(["-q", "grid", "--encoders", "identity", str(tmp_path / "nope"), "--tasks", "g1c0", *_sets(TINY),
+                 "--out", str(grid)]) == 2
+    assert "nope': no such run folder or file" in capsys.readouterr().err
+    assert not grid.exists()  # neither the identity cell nor anything else ran
+
+
+def test_training_without_a_bar_logs_each_log_step_and_records_the_version(tmp_path, caplog):
+    import json
+
+    from privenc import __version__
+
+    caplog.set_level("INFO", logger="privenc")
+    run = tmp_path / "run"
+    assert main(["train", *_sets(TINY), "--out", str(run), "--no-progress"]) == 0
+    steps = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("step ")]
+    assert steps == ["3/9", "6/9", "9/9"]
+    assert json.loads((run / "meta.json").read_text())["privenc"] == __version__

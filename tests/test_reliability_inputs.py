@@ -203,6 +203,36 @@ def _existing_run(tmp_path: Path, run: Path) -> list[str]:
     return ["-q", "train", *_sets(TINY), "--out", str(run), "--no-progress"]
 
 
+def _same_named_runs(tmp_path: Path, run: Path) -> list[str]:
+    first, second = (Path(shutil.copytree(run, tmp_path / where / "run")) for where in ("a", "b"))
+    return ["-q", "grid", "--encoders", str(first), str(second), "--tasks", "g1c0", *_sets(TINY),
+            "--out", str(tmp_path / "grid")]
+
+
+def _verify(spec_of) -> callable:
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        return ["-q", "verify", spec_of(tmp_path, run), *_sets(TINY), "--task", "g1c0", "--out", str(tmp_path / "v"),
+                "--no-progress"]
+    return build
+
+
+def _exported_file(tmp_path: Path, run: Path) -> str:
+    (tmp_path / "encoder.onnx").write_bytes(b"onnx bytes")
+    return str(tmp_path / "encoder.onnx")
+
+
+def _export_over(name: str):
+    def build(tmp_path: Path, run: Path) -> list[str]:
+        run = Path(shutil.copytree(run, tmp_path / "run"))
+        return ["-q", "export", "--encoder", str(run), "--format", "torchscript", "--out", str(run / name)]
+    return build
+
+
+def _train_into(tmp_path: Path, run: Path) -> list[str]:
+    _image(tmp_path / "photos" / "holiday.png")
+    return ["-q", "train", *_sets(TINY), "--out", str(tmp_path / "photos"), "--no-progress"]
+
+
 # --------------------------------------------------------------------------- the catalogue
 
 # id: (build(tmp_path, finished_run) -> argv, what the error must say)
@@ -273,6 +303,29 @@ CATALOGUE = {
                                           r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
+    "new run into a folder of other files": (_train_into, r"photos is not empty and not a training run folder"),
+    "resume with --out": (lambda tmp_path, run: ["train", "--resume", str(run), "--out", str(tmp_path / "new")],
+                          r"--resume continues .* in place with its own config\.toml; drop --out"),
+    "--allow-config-change without --resume": (
+        lambda tmp_path, run: ["train", *_sets(TINY), "--out", str(tmp_path / "new"), "--allow-config-change"],
+        r"--allow-config-change only applies with --resume"),
+    # devices
+    "unknown train.device": (lambda tmp_path, run: ["-q", "train", *_sets(TINY), "--out", str(tmp_path / "new"),
+                                                    "--device", "gpu"],
+                             r"train\.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    "unknown verify --device": (lambda tmp_path, run: ["-q", "verify", "identity", *_sets(TINY), "--task", "g1c0",
+                                                       "--out", str(tmp_path / "v"), "--device", "gpu"],
+                                r"unknown device 'gpu'; use auto"),
+    # what verify, grid and export are given
+    "grid encoders sharing a cell name": (_same_named_runs, r"and '.*a/run' share the cell name 'run'"),
+    "verify a folder that is not a run": (_verify(lambda tmp_path, run: str(tmp_path)),
+                                          r"is not a training run folder \(no encoder\.pt inside\)"),
+    "verify a run that does not exist": (_verify(lambda tmp_path, run: str(tmp_path / "nope")),
+                                         r"'.*nope': no such run folder or file; give a training run folder"),
+    "verify an exported file": (_verify(_exported_file), r"encoder\.onnx' is an exported file"),
+    "export over the run's config": (_export_over("config.toml"),
+                                     r"refusing to overwrite .*config\.toml: it is not an earlier torchscript export"),
+    "export over a checkpoint": (_export_over("checkpoints/last.pt"), r"refusing to overwrite .*last\.pt"),
 }
 
 
@@ -315,3 +368,28 @@ def test_unreadable_images_are_skipped_counted_and_reported_when_allowed(tmp_pat
     assert "2 of 18 images are unreadable and left out" in caplog.text
     used = {data.source.ids[i] for split in data.indices.values() for i in split}
     assert not used & set(data.bad_images)
+
+
+def test_resume_may_move_a_run_to_another_device(finished_run, tmp_path, capsys):
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    assert main(["-q", "train", "--resume", str(run), "--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
+
+
+def test_a_demo_rerun_with_another_config_does_not_reuse_its_encoders(finished_run, tmp_path, capsys):
+    # finished_run is the demo's label-flip encoder at the TINY settings; asked for another alpha,
+    # the demo must not report it under the new settings.
+    demo = tmp_path / "demo"
+    shutil.copytree(finished_run, demo / "runs" / "label_flip")
+    code = main(["-q", "demo", "--out", str(demo), *_sets([*TINY, "train.alpha=0.25"]), "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "label_flip was trained with another config" in err and "train.alpha: 0.5 -> 0.25" in err
+    assert not (demo / "runs" / "standard_gan").exists() and not (demo / "grid").exists()
+
+
+def test_verify_says_which_settings_a_trained_encoder_replaces(finished_run, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="privenc")
+    verify_sets = [s for s in TINY if s.startswith("verify.")]
+    assert main(["-q", "verify", str(finished_run), *_sets([*verify_sets, "classifier.stages=[[16], [16]]"]),
+                 "--task", "g1c0", "--out", str(tmp_path / "v"), "--no-progress"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "ignored for a trained encoder" in r.getMessage())
+    assert "classifier.stages=[[16], [16]]" in warning and "verify.max_iters" not in warning

@@ -13,9 +13,9 @@ from privenc import __version__
 log = logging.getLogger("privenc")
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "demo", default_help: str = "") -> None:
     parser.add_argument("--config", default=default, metavar="PRESET|FILE",
-                        help=f"a preset name or a TOML file (default: {default})")
+                        help=f"a preset name or a TOML file (default: {default_help or default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.iters=500 (repeatable)")
 
@@ -75,11 +75,17 @@ def _with_source(config, source: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from privenc import checkpoint as ckpt
-    from privenc.config import ConfigError, load_config
+    from privenc.config import ConfigError, config_diff, load_config
     from privenc.train import CHECKPOINT_FILE, train
 
     if args.device:
         args.overrides.append(f"train.device={args.device}")
+    if args.resume and (args.out or args.config):
+        given = "--out" if args.out else "--config"
+        raise ConfigError(f"--resume continues {args.resume} in place with its own config.toml; drop {given} "
+                          f"(change values with --set and --allow-config-change)")
+    if args.allow_config_change and not args.resume:
+        raise ConfigError("--allow-config-change only applies with --resume")
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.toml"
@@ -92,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(str(saved), args.overrides)
         # Compare with what the checkpoint was trained with, not only with config.toml: an edited
         # config.toml would otherwise change the run silently.
-        diff = _config_diff(ckpt.load(checkpoint)["config"], config.to_dict())
+        # The device is where the run continues, not what it computes: a run may move between machines.
+        diff = config_diff(ckpt.load(checkpoint)["config"], config.to_dict(), ignore=("train.device",))
         if diff and not args.allow_config_change:
             raise ConfigError(f"refusing to resume with a changed config (pass --allow-config-change to accept; "
                               f"the checkpoint {checkpoint} was trained with the left-hand values):\n  "
@@ -107,6 +114,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
         if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
+        if run_dir.is_dir() and not (run_dir / "config.toml").is_file() and any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir} is not empty and not a training run folder; give a new or empty --out")
+        args.config = args.config or "demo"
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -114,16 +124,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_diff(old: dict, new: dict) -> list[str]:
-    keys = [(section, key) for section in new for key in new[section]]
-    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section][key]!r}"
-            for section, key in keys if old.get(section, {}).get(key) != new[section][key]]
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from privenc.verify import verify
 
     config = _config_from_args(args)
+    if args.encoder not in ("identity", "blur") and (Path(args.encoder) / "config.toml").is_file():
+        ignored = [item for item in args.overrides if not item.strip().startswith("verify.")]
+        if ignored:
+            log.warning("ignored for a trained encoder, which brings its own data, encoder and classifier config "
+                        "(%s): %s; only verify.* settings apply", Path(args.encoder) / "config.toml", ", ".join(ignored))
     tasks = args.tasks or _default_tasks(args.encoder, config)
     verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
     print((Path(args.out) / "summary.md").read_text(), end="")
@@ -176,6 +185,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privenc",
@@ -189,11 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an encoder adversarially (writes a run folder)",
                        description="Train an encoder against private-task classifiers with the label-flip "
                                    "loss, keeping utility by the variance constraint or desirable tasks.")
-    _add_config_args(p)
+    _add_config_args(p, default=None, default_help="demo; with --resume, the run's own config.toml")
     p.add_argument("--out", metavar="RUN", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume and --set: accept a changed config (the differences are listed)")
+                   help="with --resume: accept a config changed by --set (the differences are listed; "
+                        "the device may change without it)")
     p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N; "
                                     "shorthand for --set train.device=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -229,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoders", nargs="+", required=True, help="run folders, 'identity', 'blur'")
     p.add_argument("--tasks", nargs="+", required=True, help="tasks (category names or attribute:<column>)")
     p.add_argument("--out", required=True, help="grid folder")
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
+    p.add_argument("--jobs", type=_positive, default=1, help="cells run in parallel processes (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     _add_config_args(p)
     p.set_defaults(func=cmd_grid)
@@ -247,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and Blur baselines on the private, desirable and one other task, and write "
                                    "the report. A rerun reuses finished steps.")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--jobs", type=int, default=2,
+    p.add_argument("--jobs", type=_positive, default=2,
                    help="processes in parallel: the two trainings, then verification cells (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p)
@@ -262,7 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--list", action="store_true", help="list the shipped presets")
     p.set_defaults(func=cmd_config)
+    _accept_quiet_everywhere(sub)
     return parser
+
+
+def _accept_quiet_everywhere(subparsers) -> None:
+    """``-q`` also after the subcommand (``privenc verify -q ...``), where people put it."""
+    for command in subparsers.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _accept_quiet_everywhere(nested[0])
+            continue
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only warnings and errors (no progress bars)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -210,6 +211,14 @@ SECTIONS: dict[str, type] = {
 # --------------------------------------------------------------------------- presets and files
 
 
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``section.key: old -> new`` for every value of ``new`` (a ``Config.to_dict()``) that
+    ``old`` lacks or holds differently; ``ignore`` names keys that may differ."""
+    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+            for section, values in new.items() for key, value in values.items()
+            if f"{section}.{key}" not in ignore and old.get(section, {}).get(key) != value]
+
+
 def preset_names() -> list[str]:
     files = resources.files("privenc").joinpath("presets").iterdir()
     return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
@@ -374,6 +383,8 @@ def validate(config: Config) -> None:
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)")
     _require(t.log_every >= 1 and t.checkpoint_every >= 1 and t.val_batches >= 1,
              "train.log_every, train.checkpoint_every and train.val_batches must be >= 1")
+    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+             f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
 
     for name in v.attackers:
         _one_of("verify.attackers[]", name, ATTACKERS)
@@ -435,7 +446,9 @@ def write_run_config(config: Config, run_dir: Path) -> None:
     from privenc.checkpoint import atomic_write_text  # imports torch: not at module level
 
     atomic_write_text(run_dir / "config.toml", config.to_toml())
-    meta = {"git_revision": git_revision(), "python": sys.version.split()[0]}
+    from privenc import __version__
+
+    meta = {"privenc": __version__, "git_revision": git_revision(), "python": sys.version.split()[0]}
     try:
         import torch
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from privenc.config import Config, from_dict, load_config
+from privenc.config import Config, ConfigError, config_diff, from_dict, load_config
 from privenc.grid import run_grid
 from privenc.report import build_report
 from privenc.train import train
@@ -39,10 +39,12 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
     for loss in ENCODER_LOSSES:
         run_dir = out_dir / "runs" / loss
         runs.append(str(run_dir))
+        variant = replace(config, train=replace(config.train, encoder_loss=loss))
+        _check_same_run_config(run_dir, variant)
         if (run_dir / "encoder.pt").exists():
             log.info("demo: %s already trained, reusing it", run_dir)
         else:
-            todo.append((replace(config, train=replace(config.train, encoder_loss=loss)), run_dir))
+            todo.append((variant, run_dir))
     if todo:
         log.info("demo: training %s (%d + %d iterations each)%s", ", ".join(d.name for _, d in todo),
                  config.train.warmup_iters, config.train.iters,
@@ -67,6 +69,17 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
     build_report([out_dir / "runs", out_dir / "grid"], out_dir / "report")
     log.info("demo: finished in %.1f min", (time.time() - started) / 60)
     return out_dir / "report" / "report.md"
+
+
+def _check_same_run_config(run_dir: Path, config: Config) -> None:
+    """A rerun reuses finished trainings only if they were trained with this config."""
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        return
+    diff = config_diff(load_config(str(saved)).to_dict(), config.to_dict(), ignore=("train.device",))
+    if diff:
+        raise ConfigError(f"{run_dir} was trained with another config than this demo asks for; use a new --out, "
+                          f"or delete {run_dir.parent.parent} to start again:\n  " + "\n  ".join(diff))
 
 
 def _follow(run_dirs: list[Path], futures: list, steps_each: int, progress: bool) -> None:

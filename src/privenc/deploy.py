@@ -489,7 +489,10 @@ def export(encoder_path: Path | str, fmt: str, out_path: Path | str | None = Non
     model = open_encoder(encoder_path, "cpu")
     out = Path(out_path) if out_path else model.path.with_name("encoder" + EXPORT_SUFFIX[fmt])
     if out.resolve() == model.path.resolve():
-        raise ConfigError(f"refusing to export {model.path} over itself; pass --out")
+        raise ConfigError(f"refusing to export {model.path} over itself; pass another --out")
+    if out.exists() and not _is_export(out, fmt):
+        raise ConfigError(f"refusing to overwrite {out}: it is not an earlier {fmt} export (no {contract_path(out).name} "
+                          f"contract beside it); choose another --out or remove it")
     contract = {"format": fmt, "file": out.name, **input_contract(model)}
     if fmt == "onnx":
         data = _onnx_bytes(model.encoder)
@@ -503,6 +506,15 @@ def export(encoder_path: Path | str, fmt: str, out_path: Path | str | None = Non
     ckpt.atomic_write_text(contract_path(out), json.dumps(contract, indent=2) + "\n")
     log.info("exported %s to %s (contract %s)", model.path, out, contract_path(out))
     return out
+
+
+def _is_export(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is a file written by :func:`export` in ``fmt`` (which a new export may replace)."""
+    try:
+        contract = json.loads(contract_path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return path.is_file() and isinstance(contract, dict) and contract.get("format") == fmt
 
 
 def contract_path(exported: Path) -> Path:
@@ -652,7 +664,7 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="export a trained encoder to ONNX, TorchScript or safetensors",
         description="Write a standalone encoder (eval mode: a fixed per-image function) and, beside "
-                    "it, OUT.json: the input contract (size, RGB, [-1, 1] = (x/255-0.5)/0.5, "
+                    "it, PATH.json: the input contract (size, RGB, [-1, 1] = (x/255-0.5)/0.5, "
                     "resize/crop rule), output shape, encoder config, privenc version and the "
                     "source file's sha256. The export is checked against the PyTorch encoder "
                     "(batch sizes 1 and 5, max abs diff <= 1e-4) before it is written.")

@@ -8,6 +8,7 @@ skips finished cells and redoes interrupted ones. Cells run in parallel processe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from privenc.checkpoint import atomic_write_text, ensure_writable
-from privenc.config import Config, ConfigError, from_dict
+from privenc.config import Config, ConfigError, config_diff, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
 
     A rerun with another config is refused: its cells would be mixed with the earlier ones."""
     out_dir = Path(out_dir)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    check_cells(encoders, tasks, config)  # before any cell runs: a typo must not cost hours first
     ensure_writable(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cells = [(spec, task) for spec in encoders for task in tasks]
@@ -77,6 +81,42 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     return collect(out_dir)
 
 
+def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
+    """Refuse, before any work, a grid whose cells would share a folder, an encoder that is
+    neither a baseline nor a loadable trained encoder, and a task its data does not have."""
+    from privenc.data import open_source, parse_task
+    from privenc.train import load_encoder
+    from privenc.verify import BASELINES, learned_encoder_path
+
+    for kind, names in (("encoders", [encoder_name(e) for e in encoders]),
+                        ("tasks", [t.replace("/", "-") for t in tasks])):
+        given = encoders if kind == "encoders" else tasks
+        seen: dict[str, str] = {}
+        for name, spec in zip(names, given):
+            if name in seen:
+                same = "is listed twice" if seen[name] == spec else f"and {seen[name]!r} share the cell name {name!r}"
+                raise ConfigError(f"grid {kind}: {spec!r} {same}; every cell needs its own folder "
+                                  f"(GRID/cells/<encoder>__<task>): rename or drop one")
+            seen[name] = spec
+    data_configs = {}
+    for spec in encoders:
+        if spec in BASELINES:
+            data_configs.setdefault("the config", config.data)
+            continue
+        path = learned_encoder_path(spec)
+        load_encoder(path)  # a truncated or foreign file fails here, naming it
+        saved = (path if path.is_dir() else path.parent) / "config.toml"
+        if saved.is_file():
+            from privenc.config import load_config
+
+            data_configs.setdefault(str(path), load_config(str(saved)).data)
+    distinct = {json.dumps(dataclasses.asdict(d), sort_keys=True): d for d in data_configs.values()}
+    for data in distinct.values():
+        source = open_source(data)
+        for task in tasks:
+            parse_task(task, source)
+
+
 def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
     if not path.is_file():
         return
@@ -87,9 +127,7 @@ def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
     new = json.loads(json.dumps(config_dict))  # as it would read back
     if old is None or old == new:
         return
-    diff = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
-            for section, values in new.items() for key, value in values.items()
-            if old.get(section, {}).get(key) != value]
+    diff = config_diff(old, new)
     raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "
                       f"computed with ({path}); use a new --out, or delete the folder:\n  " + "\n  ".join(diff))
 

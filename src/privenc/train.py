@@ -52,7 +52,13 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank is not None:
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        from privenc.config import ConfigError
+
+        raise ConfigError(f"unknown device {name!r}; use auto (CUDA when present, else the CPU), cpu, cuda "
+                          f"or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -223,7 +229,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             record.update(evaluate(players, [to_device(b, None) for b in val_batches]))
             record["elapsed_s"] = round(time.time() - started, 3)
             _append_metrics(run_dir / METRICS_FILE, record)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")})
+            validation = {k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")}
+            bar.set_postfix(validation)
+            if bar.disable:  # no bar (--no-progress, a batch job): one log line per log step instead
+                log.info("step %d/%d (%s, %.0f s): %s", step, total, record["phase"], record["elapsed_s"],
+                         ", ".join(f"{k} {v}" for k, v in validation.items()))
             sums, counted = {}, 0
 
         # ---- checkpoint: full state, atomically

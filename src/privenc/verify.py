@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc.checkpoint import atomic_write_text, ensure_writable
-from privenc.config import Config, VerifyConfig, load_config
+from privenc.config import Config, ConfigError, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.models import Classifier, build_attacker, build_encoder
@@ -85,6 +85,24 @@ class LoadedEncoder:
     run_dir: Path | None    # training run folder (its splits are reused)
 
 
+def learned_encoder_path(spec: str) -> Path:
+    """The path of a learned encoder given to ``verify`` or ``grid`` (a training run folder or
+    its ``encoder.pt``); anything else is a ConfigError that says what was expected."""
+    from privenc.train import ENCODER_FILE
+
+    path = Path(spec)
+    expected = "give a training run folder, its encoder.pt, 'identity' or 'blur'"
+    if not path.exists():
+        raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
+    if path.is_dir() and not (path / ENCODER_FILE).is_file():
+        what = "an unfinished training run" if (path / "config.toml").is_file() else "not a training run folder"
+        raise ConfigError(f"encoder {spec!r} is {what} (no {ENCODER_FILE} inside); {expected}")
+    if path.is_file() and (path.suffix in (".onnx", ".safetensors", ".json") or path.name.endswith(".torchscript.pt")):
+        raise ConfigError(f"encoder {spec!r} is an exported file; verification loads the encoder it was exported "
+                          f"from: {expected}")
+    return path
+
+
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
     """``identity``, ``blur`` or a training run folder. A learned encoder brings its own data
     config (input size, split) from the run folder; verification settings stay the caller's."""
@@ -93,7 +111,7 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
         return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
     from privenc.train import load_encoder
 
-    run_dir = Path(spec)
+    run_dir = learned_encoder_path(spec)
     module = load_encoder(run_dir, device)
     run_config = load_config(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else config
     run_config.verify = config.verify
