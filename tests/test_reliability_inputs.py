@@ -228,6 +228,12 @@ def _export_over(name: str):
     return build
 
 
+def _verify_twice(tmp_path: Path, run: Path) -> list[str]:
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "verify.json").write_text("[]\n")  # an earlier verification's results
+    return ["-q", "verify", "identity", *_sets(TINY), "--task", "g1c0", "--out", str(tmp_path / "v")]
+
+
 def _train_into(tmp_path: Path, run: Path) -> list[str]:
     _image(tmp_path / "photos" / "holiday.png")
     return ["-q", "train", *_sets(TINY), "--out", str(tmp_path / "photos"), "--no-progress"]
@@ -326,6 +332,19 @@ CATALOGUE = {
     "export over the run's config": (_export_over("config.toml"),
                                      r"refusing to overwrite .*config\.toml: it is not an earlier torchscript export"),
     "export over a checkpoint": (_export_over("checkpoints/last.pt"), r"refusing to overwrite .*last\.pt"),
+    # output folders
+    "verify into a folder with results": (_verify_twice, r"already holds verification results .*verify\.json"),
+    "verify into a training run folder": (
+        lambda tmp_path, run: ["-q", "verify", "identity", *_sets(TINY), "--task", "g1c0", "--out",
+                               str(shutil.copytree(run, tmp_path / "run"))],
+        r"run is a training run folder; give verify an output folder of its own"),
+    "report into a training run folder": (
+        lambda tmp_path, run: ["-q", "report", str(run), "--out", str(shutil.copytree(run, tmp_path / "run"))],
+        r"run is a training run folder; give report an output folder of its own"),
+    "grid into a training run folder": (
+        lambda tmp_path, run: ["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", *_sets(TINY), "--out",
+                               str(shutil.copytree(run, tmp_path / "run"))],
+        r"run is a training run folder; give grid an output folder of its own"),
 }
 
 

@@ -61,6 +61,16 @@ def ensure_writable(folder: Path) -> None:
         raise _naming(err, f"the output folder {folder} is not writable") from None
 
 
+def refuse_run_folder(folder: Path, command: str) -> None:
+    """Results of ``command`` (verify, grid, report) written into a training run folder would be
+    read back as part of that run; refuse such an output folder with a clear message."""
+    folder = Path(folder)
+    if (folder / "config.toml").is_file() and (folder / "checkpoints").is_dir():
+        from privenc.config import ConfigError
+
+        raise ConfigError(f"{folder} is a training run folder; give {command} an output folder of its own (--out)")
+
+
 def _naming(err: OSError, what: str, tail: str = "") -> OSError:
     """The same kind of OSError (same errno, so ``except PermissionError`` still works), with a
     message that names the file: a bare "[Errno 28] No space left on device" names nothing."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from privenc.checkpoint import atomic_write_text, ensure_writable
+from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
 from privenc.config import Config, ConfigError, config_diff, from_dict
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, devic
 
     keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
     torch.set_num_threads(threads)
-    verify(spec, from_dict(config_dict), [task], Path(out), device=device, progress=False)
+    verify(spec, from_dict(config_dict), [task], Path(out), device=device, progress=False, overwrite=True)
     return out
 
 
@@ -52,6 +52,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     check_cells(encoders, tasks, config)  # before any cell runs: a typo must not cost hours first
+    refuse_run_folder(out_dir, "grid")
     ensure_writable(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cells = [(spec, task) for spec in encoders for task in tasks]

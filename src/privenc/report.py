@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privenc.checkpoint import atomic_write_bytes, atomic_write_text, ensure_writable
+from privenc.checkpoint import atomic_write_bytes, atomic_write_text, ensure_writable, refuse_run_folder
 from privenc.config import load_config
 from privenc.verify import strongest
 
@@ -278,6 +278,7 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
 
 def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    refuse_run_folder(out_dir, "report")
     ensure_writable(out_dir)
     runs, records = read_folders(inputs)
     if not runs and not records:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from privenc.checkpoint import atomic_write_text, ensure_writable
+from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
 from privenc.config import Config, ConfigError, VerifyConfig, load_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
@@ -280,8 +280,9 @@ def information_bits(labels: torch.Tensor, num_classes: int, cross_entropy_nats:
 
 
 def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, roles: dict[str, str] | None = None,
-           device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
-    """Verify one encoder on ``tasks``; writes ``OUT/verify.json`` and ``OUT/summary.md``.
+           device: str = "auto", progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Verify one encoder on ``tasks``; writes ``OUT/verify.json`` and ``OUT/summary.md``
+    (an existing ``verify.json`` is an error unless ``overwrite``: the grid redoes broken cells).
 
     Returns one record per task x attacker x seed.
     """
@@ -289,6 +290,10 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
 
     torch_device = resolve_device(device)
     out_dir = Path(out_dir)
+    refuse_run_folder(out_dir, "verify")
+    if not overwrite and (out_dir / "verify.json").exists():
+        raise ConfigError(f"{out_dir} already holds verification results ({out_dir / 'verify.json'}); use another "
+                          f"--out, or delete that file to verify again")
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
     snapshot = _freeze(encoder.module)
