@@ -32,7 +32,7 @@ def _sets(extra=()):
 def test_data_parallel_training_and_resume(tmp_path):
     run = tmp_path / "run"
     out = _torchrun("train", *_sets(), "--out", str(run), "--no-progress")
-    assert out.stdout.count("encoder written") == 1  # only rank 0 speaks and writes
+    assert out.stdout.count("encoder: ") == 1  # only rank 0 speaks and writes
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9]
     state = ckpt.load(run / "checkpoints" / "last.pt")
@@ -65,7 +65,7 @@ def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_p
     # Each node's two ranks asked for the cache at once: one built it, the other waited for it.
     assert [stderr.count("built image cache") for _, stderr in outs] == [1, 1]
     assert all(len(list((tmp_path / f"cache{node}").glob("*.npy"))) == 1 for node in range(2))
-    assert sum(stdout.count("encoder written") for stdout, _ in outs) == 1  # rank 0 alone writes
+    assert sum(stdout.count("encoder: ") for stdout, _ in outs) == 1  # rank 0 alone writes
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9]
     assert len(ckpt.load(run / "checkpoints" / "last.pt")["rng_ranks"]) == 4

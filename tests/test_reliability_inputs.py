@@ -315,6 +315,10 @@ CATALOGUE = {
     "--allow-config-change without --resume": (
         lambda tmp_path, run: ["train", *_sets(TINY), "--out", str(tmp_path / "new"), "--allow-config-change"],
         r"--allow-config-change only applies with --resume"),
+    "resume to an end before the checkpoint": (
+        lambda tmp_path, run: ["-q", "train", "--resume", str(shutil.copytree(run, tmp_path / "run")),
+                               "--set", "train.iters=2", "--allow-config-change"],
+        r"cannot resume .*run to end at step 5: its checkpoint is at step 9 already"),
     # devices
     "unknown train.device": (lambda tmp_path, run: ["-q", "train", *_sets(TINY), "--out", str(tmp_path / "new"),
                                                     "--device", "gpu"],

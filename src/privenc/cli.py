@@ -99,7 +99,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Compare with what the checkpoint was trained with, not only with config.toml: an edited
         # config.toml would otherwise change the run silently.
         # The device is where the run continues, not what it computes: a run may move between machines.
-        diff = config_diff(ckpt.load(checkpoint)["config"], config.to_dict(), ignore=("train.device",))
+        state = ckpt.load(checkpoint)
+        diff = config_diff(state["config"], config.to_dict(), ignore=("train.device",))
+        end = config.train.warmup_iters + config.train.iters
+        if state["step"] > end:
+            raise ConfigError(f"cannot resume {run_dir} to end at step {end}: its checkpoint is at step "
+                              f"{state['step']} already (a run cannot be shortened; train a new one)")
         if diff and not args.allow_config_change:
             raise ConfigError(f"refusing to resume with a changed config (pass --allow-config-change to accept; "
                               f"the checkpoint {checkpoint} was trained with the left-hand values):\n  "
@@ -120,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"encoder written to {path}")
+        print(f"encoder: {path}")
     return 0
 
 
