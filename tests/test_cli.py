@@ -105,3 +105,12 @@ def test_training_without_a_bar_logs_each_log_step_and_records_the_version(tmp_p
     steps = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("step ")]
     assert steps == ["3/9", "6/9", "9/9"]
     assert json.loads((run / "meta.json").read_text())["privenc"] == __version__
+
+
+def test_a_failed_verify_or_report_leaves_no_empty_output_folder(tmp_path, capsys):
+    assert main(["-q", "verify", str(tmp_path / "nope"), "--out", str(tmp_path / "v")]) == 2
+    assert main(["-q", "report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "r").exists()

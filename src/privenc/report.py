@@ -148,7 +148,8 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
             row["cells"][task] = {"test_acc": r["test_acc_best"], "ci95": ci, "n_test": r["n_test"],
                                   "role": r["role"], "saturated": r["saturated"],
                                   "chance": r["chance"], "info_bits": r["info_bits"]}
-        name = enc if enc in order else f"{enc} ({labels.get(enc, '?')})"
+        # A run's label says what it hides and keeps; a verify folder given without its run has none.
+        name = f"{enc} ({labels[enc]})" if enc in labels and enc not in order else enc
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         rows.append(row)
     lines.append("")
@@ -279,11 +280,17 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
 def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     refuse_run_folder(out_dir, "report")
+    created = not out_dir.exists()
     ensure_writable(out_dir)
-    runs, records = read_folders(inputs)
-    if not runs and not records:
-        raise FileNotFoundError(f"no training runs (metrics.jsonl) or verification results (verify.json) under "
-                                f"{', '.join(map(str, inputs))}")
+    try:
+        runs, records = read_folders(inputs)
+        if not runs and not records:
+            raise FileNotFoundError(f"no training runs (metrics.jsonl) or verification results (verify.json) "
+                                    f"under {', '.join(map(str, inputs))}")
+    except (OSError, ValueError):
+        if created:
+            out_dir.rmdir()  # a typo in the inputs leaves no empty report folder behind
+        raise
     t1, t1_rows = table1(runs, records)
     t2, t2_rows = table2(runs, records)
     ab, ab_rows = ablation_table(runs, records)

@@ -294,8 +294,8 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     if not overwrite and (out_dir / "verify.json").exists():
         raise ConfigError(f"{out_dir} already holds verification results ({out_dir / 'verify.json'}); use another "
                           f"--out, or delete that file to verify again")
-    ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
+    ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     snapshot = _freeze(encoder.module)
     settings = encoder.config.verify
     lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
