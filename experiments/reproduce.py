@@ -71,7 +71,8 @@ def main() -> None:
         p.error("--tasks needs at least A, B and C")
     a, b, c = args.tasks[:3]
     privenc = str(Path(sys.executable).with_name("privenc"))
-    common = ["--config", args.config] + [x for kv in args.overrides for x in ("--set", kv)]
+    sets = [x for kv in args.overrides for x in ("--set", kv)]
+    common = ["--config", args.config, *sets]
     spec = runs(a, b, c, args.seeds)
     if args.only:
         unknown = sorted(set(args.only) - set(spec))
@@ -88,13 +89,14 @@ def main() -> None:
             print(f"  {run} is finished; skipped", flush=True)
             return
         if (run / "checkpoints" / "last.pt").exists():
-            how = ["--resume", str(run), "--allow-config-change"]
+            # A resumed run reads its own config.toml: no --config, the --set values on top of it.
+            how = [*sets, "--resume", str(run), "--allow-config-change"]
         else:
             if run.exists():  # a run that failed before its first checkpoint: nothing to resume
                 print(f"  {run} has no checkpoint; starting it again", flush=True)
                 shutil.rmtree(run)
-            how = ["--out", str(run)]
-        command([privenc, "train", *common, *[x for kv in spec[name] for x in ("--set", kv)], *how, "--no-progress"])
+            how = [*common, "--out", str(run)]
+        command([privenc, "train", *how, *[x for kv in spec[name] for x in ("--set", kv)], "--no-progress"])
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(train, spec))

@@ -67,5 +67,6 @@ def test_reproduce_restarts_a_run_that_failed_before_its_first_checkpoint_and_re
     module.main()
     trains = {c[c.index("--out") + 1] if "--out" in c else c[c.index("--resume") + 1]: c for c in commands
               if c[1] == "train"}
-    assert "--out" in trains[str(failed)] and not failed.exists()
-    assert "--resume" in trains[str(started)]
+    assert "--out" in trains[str(failed)] and "--config" in trains[str(failed)] and not failed.exists()
+    # privenc train refuses --config with --resume (the run's own config.toml is what resumes)
+    assert "--resume" in trains[str(started)] and "--config" not in trains[str(started)]
