@@ -362,7 +362,10 @@ def summarize(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['encoder']} | {r['task']} | {r['role']} | {r['attacker']} | {r['seed']} "
                      f"| {r['val_acc_best']:.3f} | {r['test_acc_best']:.3f} | {r['test_acc_final']:.3f} "
                      f"| {r['info_bits']:.3f} | {r['iters']}{'' if r['saturated'] else ' (not saturated)'} |")
-    lines += ["", "Strongest attacker per encoder and task (selected by validation accuracy):", "",
+    lines += ["", "bits: H(task) - the attacker's test cross-entropy, a lower bound on the information the "
+              "encoding leaks about the task; below 0 when that cross-entropy exceeds the label entropy (an "
+              "attacker worse than guessing the class frequencies), which bounds nothing beyond 0.",
+              "", "Strongest attacker per encoder and task (selected by validation accuracy):", "",
               "| encoder | task | role | test acc | chance | saturated |", "|---|---|---|---|---|---|"]
     for (enc, task), r in strongest(records).items():
         lines.append(f"| {enc} | {task} | {r['role']} | {r['test_acc_best']:.3f} | {r['chance']:.3f} "
