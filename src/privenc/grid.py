@@ -106,11 +106,14 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
             continue
         path = learned_encoder_path(spec)
         load_encoder(path)  # a truncated or foreign file fails here, naming it
-        saved = (path if path.is_dir() else path.parent) / "config.toml"
+        # The data the cell will use: a run folder's own (verify.load_encoder_spec), else the grid's.
+        saved = path / "config.toml"
         if saved.is_file():
             from privenc.config import load_config
 
             data_configs.setdefault(str(path), load_config(str(saved)).data)
+        else:
+            data_configs.setdefault("the config", config.data)
     distinct = {json.dumps(dataclasses.asdict(d), sort_keys=True): d for d in data_configs.values()}
     for data in distinct.values():
         source = open_source(data)
