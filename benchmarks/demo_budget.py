@@ -51,6 +51,17 @@ def training_flops(config) -> float:
                                                                 + per["encoder_step"])
 
 
+def training_seconds(records: list[dict]) -> float:
+    """Seconds of training in a metrics log. ``elapsed_s`` restarts from 0 when a run is resumed,
+    so a resumed run's time is the sum of each session's last value."""
+    total, previous = 0.0, 0.0
+    for record in records:
+        if record["elapsed_s"] < previous:  # a new session began
+            total += previous
+        previous = record["elapsed_s"]
+    return total + previous
+
+
 def attacker_flops(config, kind: str, family: str, batch: int) -> tuple[float, float]:
     """(forward + backward FLOPs of one attacker step at ``batch``, forward FLOPs per image)."""
     size = config.data.image_size
@@ -139,9 +150,8 @@ def budget(demo: Path, seconds: float = 3.0) -> str:
     rows = []
     train_flops = training_flops(config)
     for run in sorted((demo / "runs").iterdir()):
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1])
-        rows.append((f"train {run.name}", last["step"], train_flops, last["elapsed_s"]))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows.append((f"train {run.name}", records[-1]["step"], train_flops, training_seconds(records)))
     for path in sorted((demo / "grid" / "cells").glob("*/verify.json")):
         for record in json.loads(path.read_text()):
             kind = record["encoder_kind"]

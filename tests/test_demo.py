@@ -37,3 +37,11 @@ def test_the_demo_end_to_end_its_rerun_and_its_time_budget(tmp_path, monkeypatch
     per_iteration = {name: float(r[2].replace(",", "")) / int(r[1]) for name, r in
                      (("identity", identity), ("learned", learned))}
     assert per_iteration["identity"] > 4 * per_iteration["learned"]  # raw 16x16 images vs 4x4 encodings
+
+
+def test_the_budget_adds_up_the_sessions_of_a_resumed_training(monkeypatch):
+    monkeypatch.syspath_prepend(str(BUDGET.parent))
+    budget = importlib.import_module("demo_budget")
+    log = [{"elapsed_s": t} for t in (10.0, 20.0, 4.0, 9.0)]  # resumed after 20 s, 9 s more
+    assert budget.training_seconds(log) == 29.0
+    assert budget.training_seconds(log[:2]) == 20.0

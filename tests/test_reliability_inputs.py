@@ -310,6 +310,8 @@ CATALOGUE = {
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
     "new run into a folder of other files": (_train_into, r"photos is not empty and not a training run folder"),
+    "resume with --config": (lambda tmp_path, run: ["train", "--resume", str(run), "--config", "paper"],
+                             r"--resume continues .* in place with its own config\.toml; drop --config"),
     "resume with --out": (lambda tmp_path, run: ["train", "--resume", str(run), "--out", str(tmp_path / "new")],
                           r"--resume continues .* in place with its own config\.toml; drop --out"),
     "--allow-config-change without --resume": (
@@ -416,3 +418,63 @@ def test_verify_says_which_settings_a_trained_encoder_replaces(finished_run, tmp
                  "--task", "g1c0", "--out", str(tmp_path / "v"), "--no-progress"]) == 0
     warning = next(r.getMessage() for r in caplog.records if "ignored for a trained encoder" in r.getMessage())
     assert "classifier.stages=[[16], [16]]" in warning and "verify.max_iters" not in warning
+
+
+def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # what train() creates before config.toml
+    (run / "checkpoints" / ".last.pt.1234.tmp").write_bytes(b"")
+    assert main(["-q", "train", *_sets(TINY), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+
+
+def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cells_use(finished_run, tmp_path, capsys):
+    encoder_file = Path(shutil.copytree(finished_run, tmp_path / "run")) / "encoder.pt"
+    grid = tmp_path / "grid"
+    # An encoder file brings no config.toml: its cells use the grid's data, where g9c9 does not exist.
+    assert main(["-q", "grid", "--encoders", str(encoder_file), "--tasks", "g1c0", "g9c9", *_sets(TINY),
+                 "--out", str(grid)]) == 2
+    assert "task 'g9c9': unknown category" in capsys.readouterr().err and not grid.exists()
+    # A run folder's cells use the run's own data: here a folder source with categories c0, c1, c2.
+    _folder(tmp_path)
+    folder_run = tmp_path / "folder-run"
+    assert main(["-q", "train", *_sets([*TINY, "data.source=folder", f"data.root={tmp_path / 'folder'}",
+                                        "train.private=c0", "train.desirable=c1"]),
+                 "--out", str(folder_run), "--no-progress"]) == 0
+    assert main(["-q", "grid", "--encoders", str(folder_run), "--tasks", "g1c0", *_sets(TINY), "--out", str(grid)]) == 2
+    assert "task 'g1c0': unknown category" in capsys.readouterr().err and not grid.exists()
+    assert main(["-q", "grid", "--encoders", str(encoder_file), "--tasks", "g1c0", *_sets(TINY),
+                 "--out", str(grid)]) == 0
+    assert (grid / "cells" / "encoder.pt__g1c0" / "verify.json").is_file()
+
+
+def test_failed_verify_and_report_remove_the_folders_they_created(finished_run, tmp_path, capsys):
+    assert main(["-q", "verify", "identity", *_sets(TINY), "--task", "nosuch", "--out", str(tmp_path / "v")]) == 2
+    assert main(["-q", "report", str(tmp_path / "nope"), "--out", str(tmp_path / "a" / "b" / "r")]) == 2
+    assert "unknown category 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "a").exists()
+
+
+def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_run, tmp_path, monkeypatch):
+    from privenc import deploy
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    real, writes = deploy.ckpt.atomic_write_bytes, []
+
+    def killed(path, data):  # the first of export's two files is written, then the process dies
+        writes.append(path)
+        if len(writes) > 1:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(deploy.ckpt, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        deploy.export(run, "torchscript")
+    monkeypatch.setattr(deploy.ckpt, "atomic_write_bytes", real)
+    assert main(["-q", "export", "--encoder", str(run), "--format", "torchscript"]) == 0
+    assert (run / "encoder.torchscript.pt").is_file()
+
+
+def test_quiet_also_between_data_and_inspect():
+    from privenc.cli import build_parser
+
+    assert build_parser().parse_args(["data", "-q", "inspect"]).quiet is True

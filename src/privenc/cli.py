@@ -119,8 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
         if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
-        if run_dir.is_dir() and not (run_dir / "config.toml").is_file() and any(run_dir.iterdir()):
-            raise ConfigError(f"{run_dir} is not empty and not a training run folder; give a new or empty --out")
+        # What train() itself creates first (checkpoints/, temporary files) marks a run stopped
+        # before its config was written; anything else is somebody's files. Rank 0 alone checks:
+        # under torchrun the other ranks may look while rank 0 is creating the run.
+        foreign = [p.name for p in run_dir.iterdir() if p.name != "checkpoints" and not p.name.startswith(".")] \
+            if run_dir.is_dir() else []
+        if foreign and not (run_dir / "config.toml").is_file() and int(os.environ.get("RANK", "0")) == 0:
+            raise ConfigError(f"{run_dir} is not empty and not a training run folder (it holds {foreign[0]!r}); "
+                              f"give a new or empty --out")
         args.config = args.config or "demo"
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
@@ -291,12 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _accept_quiet_everywhere(subparsers) -> None:
     """``-q`` also after the subcommand (``privenc verify -q ...``), where people put it."""
     for command in subparsers.choices.values():
-        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
-        if nested:
-            _accept_quiet_everywhere(nested[0])
-            continue
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="only warnings and errors (no progress bars)")
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:  # privenc data [-q] inspect [-q]
+            _accept_quiet_everywhere(nested[0])
 
 
 def main(argv: list[str] | None = None) -> int:

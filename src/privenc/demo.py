@@ -76,7 +76,11 @@ def _check_same_run_config(run_dir: Path, config: Config) -> None:
     saved = run_dir / "config.toml"
     if not saved.is_file():
         return
-    diff = config_diff(load_config(str(saved)).to_dict(), config.to_dict(), ignore=("train.device",))
+    def training_part(c: Config) -> dict:  # verification settings and where it ran do not change an encoder
+        return {section: values for section, values in c.to_dict().items() if section != "verify"}
+
+    diff = config_diff(training_part(load_config(str(saved))), training_part(config),
+                       ignore=("train.device", "data.num_workers"))
     if diff:
         raise ConfigError(f"{run_dir} was trained with another config than this demo asks for; use a new --out, "
                           f"or delete {run_dir.parent.parent} to start again:\n  " + "\n  ".join(diff))

@@ -502,8 +502,10 @@ def export(encoder_path: Path | str, fmt: str, out_path: Path | str | None = Non
     else:
         data = _safetensors_bytes(model.encoder, contract)
     contract["check"] = _check_export(data, fmt, model)
-    ckpt.atomic_write_bytes(out, data)
+    # Contract first: an export killed between the two writes leaves a file a rerun may replace
+    # (a contract beside it), never a contract-less file that the rerun would refuse to touch.
     ckpt.atomic_write_text(contract_path(out), json.dumps(contract, indent=2) + "\n")
+    ckpt.atomic_write_bytes(out, data)
     log.info("exported %s to %s (contract %s)", model.path, out, contract_path(out))
     return out
 

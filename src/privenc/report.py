@@ -280,16 +280,19 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
 def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     refuse_run_folder(out_dir, "report")
-    created = not out_dir.exists()
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     ensure_writable(out_dir)
     try:
         runs, records = read_folders(inputs)
         if not runs and not records:
             raise FileNotFoundError(f"no training runs (metrics.jsonl) or verification results (verify.json) "
                                     f"under {', '.join(map(str, inputs))}")
-    except (OSError, ValueError):
-        if created:
-            out_dir.rmdir()  # a typo in the inputs leaves no empty report folder behind
+    except BaseException:
+        for folder in created:  # a typo in the inputs leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     t1, t1_rows = table1(runs, records)
     t2, t2_rows = table2(runs, records)
