@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("encoder", help="a training run folder, 'identity' (raw images) or 'blur' (Naive Blur)")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: the run's private and desirable tasks)")
-    p.add_argument("--out", required=True, help="output folder (verify.json, summary.md)")
+    p.add_argument("--out", required=True, help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p)
@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic scenes",
                        description="Train a label-flip and a standard-GAN encoder, verify them and the Identity "
                                    "and Blur baselines on the private, desirable and one other task, and write "
-                                   "the report. A rerun reuses finished steps.")
+                                   "the report. A rerun reuses finished steps, and refuses to reuse encoders "
+                                   "trained with another config (use a new --out).")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--jobs", type=_positive, default=2,
                    help="processes in parallel: the two trainings, then verification cells (default 2)")
