@@ -136,10 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from privenc.verify import verify
+    from privenc.verify import BASELINES, verify
 
     config = _config_from_args(args)
-    if args.encoder not in ("identity", "blur") and (Path(args.encoder) / "config.toml").is_file():
+    if args.encoder not in BASELINES and (Path(args.encoder) / "config.toml").is_file():
         ignored = [item for item in args.overrides if not item.strip().startswith("verify.")]
         if ignored:
             log.warning("ignored for a trained encoder, which brings its own data, encoder and classifier config "

@@ -76,6 +76,7 @@ def _check_same_run_config(run_dir: Path, config: Config) -> None:
     saved = run_dir / "config.toml"
     if not saved.is_file():
         return
+
     def training_part(c: Config) -> dict:  # verification settings and where it ran do not change an encoder
         return {section: values for section, values in c.to_dict().items() if section != "verify"}
 

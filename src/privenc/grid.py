@@ -85,13 +85,10 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
 def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
     """Refuse, before any work, a grid whose cells would share a folder, an encoder that is
     neither a baseline nor a loadable trained encoder, and a task its data does not have."""
-    from privenc.data import open_source, parse_task
-    from privenc.train import load_encoder
-    from privenc.verify import BASELINES, learned_encoder_path
+    from privenc.verify import check_tasks, load_encoder_spec
 
-    for kind, names in (("encoders", [encoder_name(e) for e in encoders]),
-                        ("tasks", [t.replace("/", "-") for t in tasks])):
-        given = encoders if kind == "encoders" else tasks
+    for kind, given, names in (("encoders", encoders, [encoder_name(e) for e in encoders]),
+                               ("tasks", tasks, [t.replace("/", "-") for t in tasks])):
         seen: dict[str, str] = {}
         for name, spec in zip(names, given):
             if name in seen:
@@ -99,26 +96,11 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
                 raise ConfigError(f"grid {kind}: {spec!r} {same}; every cell needs its own folder "
                                   f"(GRID/cells/<encoder>__<task>): rename or drop one")
             seen[name] = spec
-    data_configs = {}
-    for spec in encoders:
-        if spec in BASELINES:
-            data_configs.setdefault("the config", config.data)
-            continue
-        path = learned_encoder_path(spec)
-        load_encoder(path)  # a truncated or foreign file fails here, naming it
-        # The data the cell will use: a run folder's own (verify.load_encoder_spec), else the grid's.
-        saved = path / "config.toml"
-        if saved.is_file():
-            from privenc.config import load_config
-
-            data_configs.setdefault(str(path), load_config(str(saved)).data)
-        else:
-            data_configs.setdefault("the config", config.data)
-    distinct = {json.dumps(dataclasses.asdict(d), sort_keys=True): d for d in data_configs.values()}
-    for data in distinct.values():
-        source = open_source(data)
-        for task in tasks:
-            parse_task(task, source)
+    # Each encoder as its cells will load it (a truncated or foreign file fails here, naming it),
+    # with the data they will use: a run folder's own, else the grid's.
+    data = [load_encoder_spec(spec, config, torch.device("cpu")).config.data for spec in encoders]
+    for distinct in {json.dumps(dataclasses.asdict(d), sort_keys=True): d for d in data}.values():
+        check_tasks(distinct, tasks)
 
 
 def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
-from privenc.config import Config, ConfigError, VerifyConfig, load_config
+from privenc.config import Config, ConfigError, DataConfig, VerifyConfig, load_config
 from privenc.data import TaskData, open_source, parse_task, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.models import Classifier, build_attacker, build_encoder
@@ -101,6 +101,13 @@ def learned_encoder_path(spec: str) -> Path:
         raise ConfigError(f"encoder {spec!r} is an exported file; verification loads the encoder it was exported "
                           f"from: {expected}")
     return path
+
+
+def check_tasks(data: DataConfig, tasks: list[str]) -> None:
+    """Parse every task against the data it will be verified on: errors name the task."""
+    source = open_source(data)
+    for task in tasks:
+        parse_task(task, source)
 
 
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
@@ -295,9 +302,7 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
         raise ConfigError(f"{out_dir} already holds verification results ({out_dir / 'verify.json'}); use another "
                           f"--out, or delete that file to verify again")
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
-    source = open_source(encoder.config.data)
-    for task in tasks:
-        parse_task(task, source)  # a typo in the last task must not wait for the others, nor leave a folder
+    check_tasks(encoder.config.data, tasks)  # a typo in the last task must not wait for the others, nor leave a folder
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     snapshot = _freeze(encoder.module)
     settings = encoder.config.verify
