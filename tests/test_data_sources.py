@@ -334,6 +334,16 @@ def test_csv_source(tmp_path):
     assert task.labels(source, np.arange(3)).tolist() == [1, -1, 0]
 
 
+def test_csv_without_a_category_column_draws_categories_from_its_first_attribute(tmp_path, caplog):
+    caplog.set_level("INFO")
+    csv_path = make_csv(tmp_path, "path,gender,age\na.jpg,f,young\nb.jpg,m,\n")
+    source = CsvSource(csv_path)  # data.category_attribute left at "category"
+    assert source.attributes["category"] == ["f", "m"] and source.groups == {"all": ["f", "m"]}
+    assert "first attribute column, 'gender'" in caplog.text
+    with pytest.raises(DataError, match=r"faces\.csv:3: empty cell in column 'age' \(the category column"):
+        CsvSource(csv_path, "age")
+
+
 def test_csv_without_path_column(tmp_path):
     csv_path = make_csv(tmp_path, "file,gender\na.jpg,f\n")
     with pytest.raises(DataError, match=r"faces\.csv: no 'path' column; columns are file, gender"):

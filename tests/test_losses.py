@@ -122,3 +122,24 @@ def test_balanced_accuracy_is_the_mean_recall_and_ignores_unlabelled():
     # always "0": recall 1 on class 0, 0 on class 1 -> 0.5 (plain accuracy would say 0.75)
     assert balanced_accuracy(torch.tensor([0, 0, 0, 0, 0]), labels) == 0.5
     assert balanced_accuracy(torch.tensor([0, 1, 0, 1, 1]), labels) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_unknown_labels_are_left_out_of_the_losses_that_use_labels() -> None:
+    # -1 marks an image whose categorical value is empty (it is in the run for another task).
+    logits = torch.tensor(THREE_WAY + [[0.7, 0.1, -0.4]])
+    labels = torch.tensor(THREE_WAY_LABELS + [-1])
+    known_logits, known = torch.tensor(THREE_WAY), torch.tensor(THREE_WAY_LABELS)
+    for loss in (classifier_loss, standard_gan, negative_ce):
+        assert loss(logits, labels).item() == pytest.approx(loss(known_logits, known).item(), abs=1e-6)
+    # With every label known the result is bit for bit the plain mean, so runs are unchanged.
+    assert torch.equal(classifier_loss(known_logits, known),
+                       torch.nn.functional.cross_entropy(known_logits, known))
+
+
+def test_a_batch_without_a_known_label_gives_zero_loss_and_finite_gradients() -> None:
+    logits = torch.tensor(THREE_WAY, requires_grad=True)
+    for loss in (classifier_loss, standard_gan, negative_ce):
+        value = loss(logits, torch.tensor([-1, -1]))
+        value.backward()
+        assert value.item() == 0.0 and torch.isfinite(logits.grad).all()
+        logits.grad = None

@@ -97,10 +97,10 @@ GOOD_ROWS = "".join(f"img/{c}{i}.png,{c},{'fm'[i % 2]}\n" for c in ("c0", "c1", 
 GOOD_IMAGES = tuple(f"img/{c}{i}.png" for c in ("c0", "c1", "c2") for i in range(6))
 
 
-def _csv_case(header: str, extra: str = "", rows: str = GOOD_ROWS, private: str = "c0"):
+def _csv_case(header: str, extra: str = "", rows: str = GOOD_ROWS, private: str = "c0", data: tuple[str, ...] = ()):
     def build(tmp_path: Path, run: Path) -> list[str]:
         path = _csv(tmp_path, header + rows + extra, GOOD_IMAGES)
-        return _train(tmp_path, ["data.source=csv", f"data.root={path}"], private=private)
+        return _train(tmp_path, ["data.source=csv", f"data.root={path}", *data], private=private)
     return build
 
 
@@ -281,7 +281,8 @@ CATALOGUE = {
                                 r"task 'cO': unknown category 'cO'"),
     # CSV structure
     "CSV without the path column": (_csv_case("file,category,gender\n"), r"faces\.csv: no 'path' column"),
-    "CSV without the category column": (_csv_case("path,scene,gender\n"), r"faces\.csv: no column 'category'"),
+    "CSV without the category column named": (_csv_case("path,scene,gender\n", data=("data.category_attribute=place",)),
+                                              r"faces\.csv: no column 'place' \(data.category_attribute\)"),
     "CSV empty cell": (_csv_case("path,category,gender\n", "img/c10.png,,f\n"),
                        r"faces\.csv:20: empty cell in column 'category'"),
     "CSV ragged row": (_csv_case("path,category,gender\n", "img/c10.png,c1\n"),
@@ -478,3 +479,15 @@ def test_quiet_also_between_data_and_inspect():
     from privenc.cli import build_parser
 
     assert build_parser().parse_args(["data", "-q", "inspect"]).quiet is True
+
+
+def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path, capsys):
+    # path,gender,age with some ages unknown: the first attribute column draws the splits, and
+    # the images in the run for gender whose age is unknown take no part in the age losses.
+    rows = "".join(f"img/{i:02d}.png,{'fm'[i % 2]},{('young', 'old', '')[i % 3]}\n" for i in range(30))
+    path = _csv(tmp_path, "path,gender,age\n" + rows, tuple(f"img/{i:02d}.png" for i in range(30)))
+    argv = _train(tmp_path, ["data.source=csv", f"data.root={path}"], private="attribute:gender",
+                  desirable="attribute:age")
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = (tmp_path / "new" / "metrics.jsonl").read_text()
+    assert "NaN" not in metrics and (tmp_path / "new" / "encoder.pt").exists()

@@ -71,17 +71,22 @@ def classifier_step(
             loss = losses.classifier_loss(logits, private_labels[:, k])
             total = total + loss
             stats[f"private{k}_loss"] = loss.detach()
-            stats[f"private{k}_train_acc"] = (logits.argmax(1) == private_labels[:, k]).float().mean()
+            stats[f"private{k}_train_acc"] = _accuracy(logits, private_labels[:, k])
         if players.desirable_classifier is not None:
             logits = players.desirable_classifier(encodings).float()
             loss = losses.classifier_loss(logits, desirable_labels)
             total = total + loss
             stats["desirable_loss"] = loss.detach()
-            stats["desirable_train_acc"] = (logits.argmax(1) == desirable_labels).float().mean()
+            stats["desirable_train_acc"] = _accuracy(logits, desirable_labels)
     total.backward()
     optimizer.step()
     stats["classifier_loss"] = total.detach()
     return stats
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction right over the images whose label is known."""
+    return losses.mean_over_known((logits.argmax(1) == labels).float(), labels)
 
 
 def encoder_step(

@@ -73,7 +73,9 @@ class DataConfig:
     (synthetic: its built-in groups; places365: the paper's two groups; folder/csv: one group
     of all categories)."""
     category_attribute: str = "category"
-    """For csv sources: which column holds the category used by binary detection tasks."""
+    """For csv sources: which column holds the category that splits are drawn per and binary
+    detection tasks use. Left at "category": that column, or the first attribute column of a CSV
+    without one."""
     max_per_category: int = 0
     """Use at most this many images per category (0 = all)."""
     synthetic_per_category: int = 400

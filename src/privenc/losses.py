@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from privenc.config import ENCODER_LOSSES
+from privenc.data.tasks import UNKNOWN
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,14 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     and standard-GAN targets of the K-way generalization spread mass over K - 1 classes.
     ``logits`` and ``target_probs`` are (B, K); each target row should sum to one.
     """
+    return _soft_cross_entropy_per_image(logits, target_probs).mean()
+
+
+def _soft_cross_entropy_per_image(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     if logits.shape != target_probs.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target_probs {tuple(target_probs.shape)} differ")
     log_probs = F.log_softmax(logits.float(), dim=1)
-    return -(target_probs.to(log_probs.dtype) * log_probs).sum(dim=1).mean()
+    return -(target_probs.to(log_probs.dtype) * log_probs).sum(dim=1)
 
 
 def _all_but(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -48,8 +53,24 @@ def _all_but(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the true labels: what the private and desirable classifiers minimize
     (Sec. 3: theta_u = argmin E[L(Phi(E(x)), u)]), and what the encoder minimizes, weighted
-    by alpha, for the desirable tasks."""
-    return F.cross_entropy(logits.float(), labels)
+    by alpha, for the desirable tasks.
+
+    Labels of ``UNKNOWN`` (an empty value of a categorical attribute, on images that are in the
+    run for another task) are left out of the mean; a batch without a known label gives 0.
+    """
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=UNKNOWN)  # NaN if none is known
+    return torch.where(labels.ne(UNKNOWN).any(), loss, torch.zeros_like(loss))
+
+
+def mean_over_known(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-image ``values`` over the images whose label is known; 0 if none is.
+
+    With every label known it is exactly ``values.mean()`` (selected, not recomputed), so runs
+    without unknown labels are unchanged to the last bit. No host synchronization.
+    """
+    known = labels.ne(UNKNOWN)
+    masked = (values * known).sum() / known.sum().clamp(min=1)
+    return torch.where(known.all(), values.mean(), masked)
 
 
 def label_flip(logits: torch.Tensor) -> torch.Tensor:
@@ -72,7 +93,8 @@ def standard_gan(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     It drives the classifier toward confident mistakes, so a retrained attacker recovers the
     private attribute by inverting them (Table 1: ~84% at verification).
     """
-    return soft_cross_entropy(logits, _all_but(labels, logits.shape[1]))
+    per_image = _soft_cross_entropy_per_image(logits, _all_but(labels.clamp(min=0), logits.shape[1]))
+    return mean_over_known(per_image, labels)
 
 
 def negative_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

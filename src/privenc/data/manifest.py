@@ -6,9 +6,11 @@ Format: a header row with a ``path`` column and one column per attribute::
     img/0001.jpg,female,adult
 
 Paths are relative to the CSV file's folder and may not leave it. Every other column becomes
-an attribute; ``category_attribute`` names the one binary detection tasks use (it is also
-exposed as ``category``). The ``path`` and category cells must be filled; an empty cell in
-another column means "unknown" and excludes that image from tasks on that attribute.
+an attribute; ``category_attribute`` names the one binary detection tasks use and the splits
+are drawn per value of (it is also exposed as ``category``). Left at its default, ``category``,
+it is that column if the CSV has one, else the first attribute column. The ``path`` and
+category cells must be filled; an empty cell in another column means "unknown" and excludes
+that image from tasks on that attribute.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from privenc.data.files import FileSource, digest, file_stamp, missing_files, re
 log = logging.getLogger(__name__)
 
 PATH_COLUMN = "path"
+DEFAULT_CATEGORY = "category"
 
 
 class CsvSource(FileSource):
@@ -37,7 +40,7 @@ class CsvSource(FileSource):
     def __init__(
         self,
         csv_path: Path | str,
-        category_attribute: str = "category",
+        category_attribute: str = DEFAULT_CATEGORY,
         groups: Mapping[str, list[str]] | None = None,
         *,
         check_files: bool = True,
@@ -50,12 +53,17 @@ class CsvSource(FileSource):
             raise DataError(
                 f"{csv_path}: no {PATH_COLUMN!r} column; columns are {', '.join(header) or '(none)'}"
             )
+        attribute_columns = [c for c in header if c != PATH_COLUMN]
+        if category_attribute == DEFAULT_CATEGORY and DEFAULT_CATEGORY not in header and attribute_columns:
+            category_attribute = attribute_columns[0]
+            log.info("CSV %s has no 'category' column: splits and detection tasks use its first attribute "
+                     "column, %r (data.category_attribute chooses another)", csv_path, category_attribute)
         if category_attribute not in header or category_attribute == PATH_COLUMN:
             raise DataError(
                 f"{csv_path}: no column {category_attribute!r} (data.category_attribute); "
-                f"attribute columns are {', '.join(c for c in header if c != PATH_COLUMN) or '(none)'}"
+                f"attribute columns are {', '.join(attribute_columns) or '(none)'}"
             )
-        if category_attribute != "category" and "category" in header:
+        if category_attribute != DEFAULT_CATEGORY and DEFAULT_CATEGORY in header:
             raise DataError(
                 f"{csv_path}: has a 'category' column but data.category_attribute = "
                 f"{category_attribute!r}; rename one of them so 'category' means one thing"
@@ -68,7 +76,10 @@ class CsvSource(FileSource):
         for lineno, row in rows:
             for col in (path_col, cat_col):
                 if not row[col]:
-                    raise DataError(f"{csv_path}:{lineno}: empty cell in column {header[col]!r}")
+                    why = "" if col == path_col else (
+                        " (the category column, data.category_attribute: splits are drawn per category, so "
+                        "every image needs one)")
+                    raise DataError(f"{csv_path}:{lineno}: empty cell in column {header[col]!r}{why}")
             rel = relative_path(row[path_col], csv_path, lineno)
             if rel in first_line:
                 raise DataError(

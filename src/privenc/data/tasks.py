@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 ATTRIBUTE_PREFIX = "attribute:"
 COMBINED_PREFIX = "combined:"
+UNKNOWN = -1
+"""Label of an image whose value of a categorical attribute is empty: left out of that task's
+selection, but present among a run's images when another task selects it (losses skip it)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Task:
                 out[(out == 0) & (part.labels(source, indices) == 1)] = k  # first wins
             return out
         lookup = {value: k for k, value in enumerate(self.classes)}
-        lookup[""] = -1
+        lookup[""] = UNKNOWN
         values = source.attributes[self.attribute]
         try:
             return np.fromiter((lookup[values[i]] for i in indices), dtype=np.int64, count=len(indices))
