@@ -86,3 +86,16 @@ def test_grid_cells_are_spread_over_ranks_and_run_once(tmp_path):
               "--device", "cpu")
     assert [c.stat().st_mtime_ns for c in cells] == mtimes  # a rerun skips finished cells
     assert out.returncode == 0
+
+
+def test_grid_ranks_of_a_node_each_take_their_own_gpu(tmp_path, monkeypatch, tiny_config):
+    # What torchrun sets for the second rank of a node; no GPU here, so CUDA is faked and the
+    # cell itself is not run: only the device it would be given is recorded.
+    from privenc import grid
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    given = []
+    monkeypatch.setattr(grid, "_run_cell", lambda spec, task, config, out, device, threads: given.append(device))
+    grid.run_grid(["identity"], ["g1c0"], tiny_config, tmp_path / "grid", device="auto")
+    assert given == ["cuda:1"]

@@ -9,6 +9,7 @@ test_config.py and test_deploy.py; this file checks that they reach the user int
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -421,6 +422,24 @@ def test_verify_says_which_settings_a_trained_encoder_replaces(finished_run, tmp
     assert "classifier.stages=[[16], [16]]" in warning and "verify.max_iters" not in warning
 
 
+def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finished_run, tmp_path, capsys):
+    # A run trained with one protocol is verified by that protocol unless --config says otherwise
+    # (it used to get the demo preset's, silently); verify.tasks chooses the tasks.
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    config = load_config(str(run / "config.toml"), ["verify.lr=0.0042", "verify.attackers=[\"linear\"]",
+                                                     "verify.tasks=[\"g1c2\"]"])
+    (run / "config.toml").write_text(config.to_toml())
+    assert main(["-q", "verify", str(run / "encoder.pt"), "--out", str(tmp_path / "v"), "--no-progress"]) == 0
+    records = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert [(r["task"], r["attacker"], r["lr"], r["encoder"]) for r in records] == [("g1c2", "linear", 0.0042, "run")]
+    capsys.readouterr()
+    assert main(["-q", "grid", "--encoders", str(run), "identity", "--out", str(tmp_path / "g")]) == 0
+    cells = sorted(p.name for p in (tmp_path / "g" / "cells").iterdir())
+    assert cells == ["identity__g1c2", "run__g1c2"]  # the baseline on the run's data and tasks
+    identity = json.loads((tmp_path / "g" / "cells" / "identity__g1c2" / "verify.json").read_text())
+    assert identity[0]["attacker"] == "linear" and identity[0]["n_test"] == records[0]["n_test"]
+
+
 def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)  # what train() creates before config.toml
@@ -429,23 +448,32 @@ def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_pa
 
 
 def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cells_use(finished_run, tmp_path, capsys):
-    encoder_file = Path(shutil.copytree(finished_run, tmp_path / "run")) / "encoder.pt"
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    loose = tmp_path / "loose" / "encoder.pt"
+    loose.parent.mkdir()
+    shutil.copy(run / "encoder.pt", loose)
     grid = tmp_path / "grid"
-    # An encoder file brings no config.toml: its cells use the grid's data, where g9c9 does not exist.
-    assert main(["-q", "grid", "--encoders", str(encoder_file), "--tasks", "g1c0", "g9c9", *_sets(TINY),
+    # An encoder file alone brings no config.toml: its cells use the grid's data, where g9c9 does not exist.
+    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0", "g9c9", *_sets(TINY),
                  "--out", str(grid)]) == 2
     assert "task 'g9c9': unknown category" in capsys.readouterr().err and not grid.exists()
+    # ... and that data must have the encoder's input size.
+    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0", *_sets([*TINY, "data.image_size=48", "data.load_size=52"]),
+                 "--out", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "takes 16x16 images, but the data config gives 48" in err and "Traceback" not in err
     # A run folder's cells use the run's own data: here a folder source with categories c0, c1, c2.
     _folder(tmp_path)
     folder_run = tmp_path / "folder-run"
     assert main(["-q", "train", *_sets([*TINY, "data.source=folder", f"data.root={tmp_path / 'folder'}",
                                         "train.private=c0", "train.desirable=c1"]),
                  "--out", str(folder_run), "--no-progress"]) == 0
-    assert main(["-q", "grid", "--encoders", str(folder_run), "--tasks", "g1c0", *_sets(TINY), "--out", str(grid)]) == 2
-    assert "task 'g1c0': unknown category" in capsys.readouterr().err and not grid.exists()
-    assert main(["-q", "grid", "--encoders", str(encoder_file), "--tasks", "g1c0", *_sets(TINY),
+    for given in (folder_run, folder_run / "encoder.pt"):  # the run's encoder.pt is that run
+        assert main(["-q", "grid", "--encoders", str(given), "--tasks", "g1c0", *_sets(TINY), "--out", str(grid)]) == 2
+        assert "task 'g1c0': unknown category" in capsys.readouterr().err and not grid.exists()
+    assert main(["-q", "grid", "--encoders", str(run / "encoder.pt"), str(loose), "--tasks", "g1c0", *_sets(TINY),
                  "--out", str(grid)]) == 0
-    assert (grid / "cells" / "encoder.pt__g1c0" / "verify.json").is_file()
+    assert {p.name for p in (grid / "cells").iterdir()} == {"run__g1c0", "encoder.pt__g1c0"}
 
 
 def test_failed_verify_and_report_remove_the_folders_they_created(finished_run, tmp_path, capsys):

@@ -20,6 +20,10 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "dem
                         help="override one config value, e.g. --set train.iters=500 (repeatable)")
 
 
+RUN_CONFIG_HELP = ("the config.toml of the first trained encoder's run (its [verify] settings and data), "
+                   "else demo")
+
+
 def _config_from_args(args: argparse.Namespace):
     from privenc.config import load_config
 
@@ -135,16 +139,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from privenc.verify import BASELINES, verify
+def _verification_config(args: argparse.Namespace, encoders: list[str]):
+    """``--config``, else the config of the first trained encoder's run: its [verify] settings
+    (a paper-preset run is verified by the paper's protocol) and its data (the baselines of a
+    grid see the same images), else the demo preset. ``--set`` applies on top."""
+    from privenc.config import config_diff, load_config
+    from privenc.verify import run_folder_of
 
+    if args.config is not None:
+        return _config_from_args(args)
+    runs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
+    if not runs:
+        args.config = "demo"
+        return _config_from_args(args)
+    args.config = str(runs[0] / "config.toml")
     config = _config_from_args(args)
-    if args.encoder not in BASELINES and (Path(args.encoder) / "config.toml").is_file():
+    log.info("verification settings from %s (no --config given)", args.config)
+    for other in runs[1:]:
+        theirs = load_config(str(other / "config.toml"), [o for o in args.overrides if o.strip().startswith("verify.")])
+        diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": config.to_dict()["verify"]})
+        if diff:
+            log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
+                        other, args.config, "; ".join(diff))
+    return config
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from privenc.verify import run_folder_of, verify
+
+    config = _verification_config(args, [args.encoder])
+    run = run_folder_of(args.encoder)
+    if run is not None:
         ignored = [item for item in args.overrides if not item.strip().startswith("verify.")]
         if ignored:
             log.warning("ignored for a trained encoder, which brings its own data, encoder and classifier config "
-                        "(%s): %s; only verify.* settings apply", Path(args.encoder) / "config.toml", ", ".join(ignored))
-    tasks = args.tasks or _default_tasks(args.encoder, config)
+                        "(%s): %s; only verify.* settings apply", run / "config.toml", ", ".join(ignored))
+    tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
     verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
     print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'verify.json'}")
@@ -152,20 +182,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _default_tasks(encoder: str, config) -> list[str]:
-    """A run's own private and desirable tasks; for a baseline, the config's."""
+    """A run's own private and desirable tasks; for a baseline or an encoder file alone, the config's."""
     from privenc.config import load_config
+    from privenc.verify import run_folder_of
 
-    saved = Path(encoder) / "config.toml"
-    source = load_config(str(saved)) if saved.is_file() else config
+    run = run_folder_of(encoder)
+    source = load_config(str(run / "config.toml")) if run is not None else config
     return [*source.train.private, *source.train.desirable]
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    from privenc.config import ConfigError
     from privenc.grid import run_grid
     from privenc.verify import summarize
 
-    config = _config_from_args(args)
-    records = run_grid(args.encoders, args.tasks, config, Path(args.out), jobs=args.jobs, device=args.device)
+    config = _verification_config(args, args.encoders)
+    tasks = args.tasks or config.verify.tasks
+    if not tasks:
+        raise ConfigError("grid: no tasks; give --tasks or set verify.tasks")
+    records = run_grid(args.encoders, tasks, config, Path(args.out), jobs=args.jobs, device=args.device)
     print(summarize(records), end="")
     print(f"cells: {Path(args.out) / 'cells'}")
     return 0
@@ -215,14 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an encoder adversarially (writes a run folder)",
                        description="Train an encoder against private-task classifiers with the label-flip "
-                                   "loss, keeping utility by the variance constraint or desirable tasks.")
+                                   "loss (or train.encoder_loss = standard_gan | negative_ce), keeping utility "
+                                   "by the variance constraint or desirable tasks.")
     _add_config_args(p, default=None, default_help="demo; with --resume, the run's own config.toml")
     p.add_argument("--out", metavar="RUN", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a config changed by --set (the differences are listed; "
                         "the device may change without it)")
-    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N; "
+    p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps; "
                                     "shorthand for --set train.device=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -243,28 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train fresh attackers from scratch on a fixed encoder's outputs until "
                                    "validation accuracy saturates, drop the LR 10x once, saturate again, and "
                                    "report validation and test accuracy (Sec. 4.1 of the paper).")
-    p.add_argument("encoder", help="a training run folder, 'identity' (raw images) or 'blur' (Naive Blur)")
+    p.add_argument("encoder", help="a training run folder or its encoder.pt, 'identity' (raw images) or 'blur' "
+                                   "(Naive Blur)")
     p.add_argument("--task", dest="tasks", action="append", default=[],
-                   help="a task to verify (repeatable; default: the run's private and desirable tasks)")
+                   help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
+                        "tasks)")
     p.add_argument("--out", required=True, help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_args(p)
+    _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("grid", help="verify encoders x tasks (the shape of Table 2), resumable",
                        description="Verify every encoder on every task; finished cells are skipped on a rerun.")
-    p.add_argument("--encoders", nargs="+", required=True, help="run folders, 'identity', 'blur'")
-    p.add_argument("--tasks", nargs="+", required=True, help="tasks (category names or attribute:<column>)")
+    p.add_argument("--encoders", nargs="+", required=True, help="run folders or their encoder.pt, 'identity', 'blur'")
+    p.add_argument("--tasks", nargs="+", default=[],
+                   help="tasks (category names or attribute:<column>; default: verify.tasks)")
     p.add_argument("--out", required=True, help="grid folder")
     p.add_argument("--jobs", type=_positive, default=1, help="cells run in parallel processes (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    _add_config_args(p)
+    _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="tables and figures from run and grid folders",
                        description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "
-                                   "from run folders alone (report.md, report.json, PNGs).")
+                                   "from run folders alone (report.md, report.json, a CSV per table, PNGs).")
     p.add_argument("inputs", nargs="+", help="training run, verify or grid folders (searched recursively)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-figures", action="store_true", help="tables only")

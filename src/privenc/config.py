@@ -164,7 +164,8 @@ class VerifyConfig:
     drop, saturation again; test accuracy of the final and of the best-validation attacker."""
 
     tasks: list[str] = field(default_factory=list)
-    """Tasks to verify; empty = the encoder's private + desirable tasks."""
+    """Tasks `privenc verify` checks without --task, and `privenc grid` without --tasks; empty =
+    verify: the encoder's private + desirable tasks (grid then needs --tasks)."""
     attackers: list[str] = field(default_factory=lambda: ["paper"])
     """Attacker families: paper | wide | mlp | linear."""
     seeds: list[int] = field(default_factory=lambda: [0])

@@ -21,21 +21,17 @@ import torch
 
 from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
 from privenc.config import Config, ConfigError, config_diff, from_dict
+from privenc.verify import check_tasks, encoder_label, load_encoder_spec, verify
 
 log = logging.getLogger(__name__)
 
 
-def encoder_name(spec: str) -> str:
-    return Path(spec).name if spec not in ("identity", "blur") else spec
-
-
 def cell_dir(out_dir: Path, spec: str, task: str) -> Path:
-    return Path(out_dir) / "cells" / f"{encoder_name(spec)}__{task.replace('/', '-')}"
+    return Path(out_dir) / "cells" / f"{encoder_label(spec)}__{task.replace('/', '-')}"
 
 
 def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, device: str, threads: int) -> str:
     from privenc.runtime import keep_freed_memory
-    from privenc.verify import verify
 
     keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
     torch.set_num_threads(threads)
@@ -55,6 +51,10 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     refuse_run_folder(out_dir, "grid")
     ensure_writable(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if "LOCAL_RANK" in os.environ:  # under torchrun: each rank on its own GPU, as in training
+        from privenc.train import resolve_device
+
+        device = str(resolve_device(device, int(os.environ["LOCAL_RANK"])))
     cells = [(spec, task) for spec in encoders for task in tasks]
     config_dict = config.to_dict()
     _check_same_config(out_dir / "grid.json", config_dict)
@@ -85,9 +85,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
 def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
     """Refuse, before any work, a grid whose cells would share a folder, an encoder that is
     neither a baseline nor a loadable trained encoder, and a task its data does not have."""
-    from privenc.verify import check_tasks, load_encoder_spec
-
-    for kind, given, names in (("encoders", encoders, [encoder_name(e) for e in encoders]),
+    for kind, given, names in (("encoders", encoders, [encoder_label(e) for e in encoders]),
                                ("tasks", tasks, [t.replace("/", "-") for t in tasks])):
         seen: dict[str, str] = {}
         for name, spec in zip(names, given):

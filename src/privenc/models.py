@@ -198,8 +198,9 @@ def _differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 class BiasFreeBatchNorm2d(nn.BatchNorm2d):
     """Standard per-channel BatchNorm2d with a learnable scale and no bias.
 
-    The paper's normalization ablation (Sec. 4.2, "standard BN without biases"); it stays a
-    ``BatchNorm2d`` so that ``SyncBatchNorm.convert_sync_batchnorm`` still finds it.
+    The paper's normalization ablation (Sec. 4.2, "standard BN without biases"). Under torchrun
+    it normalizes each rank's share of the batch, as the classifiers' BatchNorm2d does (nothing
+    converts them to SyncBatchNorm); only :class:`PerLocationBatchNorm` uses global statistics.
     """
 
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:

@@ -103,6 +103,26 @@ def learned_encoder_path(spec: str) -> Path:
     return path
 
 
+def run_folder_of(spec: str) -> Path | None:
+    """The training run folder of a learned encoder given as that folder or as its encoder.pt:
+    the folder holding its config.toml. None for a baseline, an encoder file alone, or a path
+    that is not there (:func:`learned_encoder_path` says what is wrong with it)."""
+    if spec in BASELINES:
+        return None
+    path = Path(spec)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.toml").is_file() and (path.is_dir() or path.is_file()) else None
+
+
+def encoder_label(spec: str) -> str:
+    """How results name an encoder: a baseline's name, its run folder's name (also when given
+    as the run's encoder.pt), else the file name."""
+    if spec in BASELINES:
+        return spec
+    folder = run_folder_of(spec)
+    return folder.name if folder is not None else Path(spec).name
+
+
 def check_tasks(data: DataConfig, tasks: list[str]) -> None:
     """Parse every task against the data it will be verified on: errors name the task."""
     source = open_source(data)
@@ -111,18 +131,26 @@ def check_tasks(data: DataConfig, tasks: list[str]) -> None:
 
 
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
-    """``identity``, ``blur`` or a training run folder. A learned encoder brings its own data
-    config (input size, split) from the run folder; verification settings stay the caller's."""
+    """``identity``, ``blur``, a training run folder or its encoder.pt. A learned encoder in a
+    run folder brings its own data config (input size, split) and reuses the run's splits; an
+    encoder file alone is verified on ``config``'s data, which must have its input size.
+    Verification settings are always ``config``'s."""
     if spec in BASELINES:
         module = build_encoder(spec, config.encoder, config.data.image_size)
         return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
     from privenc.train import load_encoder
 
-    run_dir = learned_encoder_path(spec)
-    module = load_encoder(run_dir, device)
-    run_config = load_config(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else config
+    path = learned_encoder_path(spec)
+    module = load_encoder(path, device)
+    run_dir = run_folder_of(spec)
+    run_config = load_config(str(run_dir / "config.toml")) if run_dir is not None else copy.deepcopy(config)
     run_config.verify = config.verify
-    return LoadedEncoder(run_dir.name, "learned", module, run_config, run_dir if run_dir.is_dir() else None)
+    if module.image_size != run_config.data.image_size:
+        where = (f"its run's config ({run_dir / 'config.toml'}) says {run_config.data.image_size}" if run_dir
+                 else f"the data config gives {run_config.data.image_size} (data.image_size; an encoder file "
+                      f"alone is verified on the --config data: give its run folder, or set data.image_size)")
+        raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
+    return LoadedEncoder(encoder_label(spec), "learned", module, run_config, run_dir)
 
 
 def _freeze(module: nn.Module) -> dict[str, torch.Tensor]:
