@@ -1,6 +1,6 @@
 """Reports built from run folders alone: the paper's Table 1 and Table 2 shapes, Figure 1
 (validation accuracy vs attacker iterations), Figure 3 (images, blurred images, encodings) and
-the normalization ablation, as ``report.md``, ``report.json`` and PNGs.
+the normalization ablation, as ``report.md``, ``report.json``, one CSV per table and PNGs.
 
 Inputs are folders: training runs (``metrics.jsonl``, ``config.toml``, ``encoder.pt``) and
 verification or grid outputs (``verify.json``, ``cells/*/verify.json``). Nothing is retrained,
@@ -9,6 +9,8 @@ so a report can be redrawn at any time.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -64,6 +66,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "encoder_loss": config.train.encoder_loss, "norm": config.encoder.norm,
         "steps": last.get("step"),
         "within_val_private_acc": tail_mean("val_private0_acc"),
+        # the same for every private task, in config order (training logs val_private{k}_acc)
+        "within_val_private_accs": {task: tail_mean(f"val_private{k}_acc")
+                                    for k, task in enumerate(config.train.private)},
         "within_val_desirable_acc": tail_mean("val_desirable_acc"),
         "collapse_zero_var_frac": last.get("collapse_zero_var_frac"),
         "collapse_low_var_frac": last.get("collapse_low_var_frac"),
@@ -99,27 +104,40 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def _several_private(runs: list[dict[str, Any]]) -> bool:
+    """Whether some run inhibits more than one task: the tables then name the private task."""
+    return any(len(run["private"]) > 1 for run in runs)
+
+
 def table1(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Private-task accuracy within adversarial training vs after verification (val, test)."""
+    """Private-task accuracy within adversarial training vs after verification (val, test):
+    one row per run and private task."""
     best = strongest(records)
     rows = []
     for run in runs:
-        task = run["private"][0]
-        verified = best.get((run["name"], task))
-        rows.append({
-            "run": run["name"], "encoder": encoder_label(run), "encoder_loss": run["encoder_loss"], "task": task,
-            "within_training_val": run["within_val_private_acc"],
-            "verified_val": verified["val_acc_best"] if verified else None,
-            "verified_test": verified["test_acc_best"] if verified else None,
-            "verified_test_ci95": wilson_halfwidth(verified["test_acc_best"], verified["n_test"]) if verified else None,
-            "verified_saturated": verified["saturated"] if verified else None,
-        })
-    lines = ["| run | encoder | encoder loss | within training, val | verification, val | verification, test (95% CI) |",
-             "|---|---|---|---|---|---|"]
+        for task in run["private"]:
+            verified = best.get((run["name"], task)) or {}
+            ci95 = wilson_halfwidth(verified["test_acc_best"], verified["n_test"]) if verified else None
+            rows.append({
+                "run": run["name"], "encoder": encoder_label(run), "encoder_loss": run["encoder_loss"], "task": task,
+                "within_training_val": run["within_val_private_accs"][task],
+                "verified_val": verified.get("val_acc_best"),
+                "verified_test": verified.get("test_acc_best"),
+                "verified_test_ci95": ci95,
+                "verified_saturated": verified.get("saturated"),
+            })
+    # A private-task column only where some run has several (one private task: the paper's shape).
+    named = _several_private(runs)
+    task_head, task_rule = (" private task |", "---|") if named else ("", "")
+    lines = [f"| run | encoder | encoder loss |{task_head} within training, val | verification, val "
+             "| verification, test (95% CI) |",
+             f"|---|---|---|{task_rule}---|---|---|"]
     for r in rows:
         note = "" if r["verified_saturated"] in (None, True) else " (not saturated)"
-        lines.append(f"| {r['run']} | {r['encoder']} | {r['encoder_loss']} | {_pct(r['within_training_val'])} "
-                     f"| {_pct(r['verified_val'])} | {_pct(r['verified_test'])}{_pm(r['verified_test_ci95'])}{note} |")
+        task_cell = f" {r['task']} |" if named else ""
+        lines.append(f"| {r['run']} | {r['encoder']} | {r['encoder_loss']} |{task_cell} "
+                     f"{_pct(r['within_training_val'])} | {_pct(r['verified_val'])} "
+                     f"| {_pct(r['verified_test'])}{_pm(r['verified_test_ci95'])}{note} |")
     return "\n".join(lines), rows
 
 
@@ -158,22 +176,73 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
 
 
 def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Normalization variants: collapse diagnostics (Sec. 4.2) and verified accuracies."""
+    """Normalization variants: collapse diagnostics (Sec. 4.2) and verified accuracies, one row
+    per run (the diagnostics belong to the encoder) and, where some run has several private
+    tasks, one private-accuracy column per private task."""
     best = strongest(records)
+
+    def test_acc(run: dict[str, Any], task: str) -> float | None:
+        record = best.get((run["name"], task))
+        return record["test_acc_best"] if record else None
+
+    # One private task per run keeps the single column, whichever task each run hides.
+    columns = list(dict.fromkeys(t for run in runs for t in run["private"])) if _several_private(runs) else []
+    private_head = "".join(f" private test acc, {t} |" for t in columns) or " private test acc |"
+    lines = [f"| run | normalization | output var ~0 | output var < 0.5 |{private_head} desirable test acc |",
+             "|---" * (5 + max(1, len(columns))) + "|"]
     rows = []
-    lines = ["| run | normalization | output var ~0 | output var < 0.5 | private test acc | desirable test acc |",
-             "|---|---|---|---|---|---|"]
     for run in runs:
-        private = best.get((run["name"], run["private"][0]))
-        desirable = best.get((run["name"], run["desirable"][0])) if run["desirable"] else None
+        private_tests = {task: test_acc(run, task) for task in run["private"]}
         row = {"run": run["name"], "norm": run["norm"], "zero_var": run["collapse_zero_var_frac"],
                "low_var": run["collapse_low_var_frac"],
-               "private_test": private["test_acc_best"] if private else None,
-               "desirable_test": desirable["test_acc_best"] if desirable else None}
+               "private_test": private_tests[run["private"][0]],  # the first private task
+               "private_tests": private_tests,
+               "desirable_test": test_acc(run, run["desirable"][0]) if run["desirable"] else None}
         rows.append(row)
-        lines.append(f"| {run['name']} | {run['norm']} | {_pct(row['zero_var'])} | {_pct(row['low_var'])} "
-                     f"| {_pct(row['private_test'])} | {_pct(row['desirable_test'])} |")
+        # "—" also in the column of a task that another run hides and this one does not
+        private_cells = [_pct(private_tests.get(t)) for t in columns] or [_pct(row["private_test"])]
+        lines.append(f"| {run['name']} | {run['norm']} | {_pct(row['zero_var'])} | {_pct(row['low_var'])} | "
+                     + " | ".join(private_cells) + f" | {_pct(row['desirable_test'])} |")
     return "\n".join(lines), rows
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+TABLE1_COLUMNS = ["run", "encoder", "encoder_loss", "task", "within_training_val", "verified_val", "verified_test",
+                  "verified_test_ci95", "verified_saturated"]
+TABLE2_COLUMNS = ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
+                  "info_bits"]
+ABLATION_COLUMNS = ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test"]
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A header row, then one line per row: numbers as report.json holds them (accuracies as
+    fractions, full precision), an empty field for a missing value, true/false for flags."""
+    def field(value: Any) -> Any:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[field(row.get(c)) for c in columns] for row in rows])
+    return buffer.getvalue()
+
+
+def table2_long(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table 2's cells as one flat row per encoder and task (a pivot gives the table back)."""
+    return [{"encoder": row["encoder"], "label": row["label"], "task": task, **cell}
+            for row in rows for task, cell in row["cells"].items()]
+
+
+def ablation_long(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ablation as one flat row per run and private task (the diagnostics repeat)."""
+    return [{**row, "private_task": task, "private_test": acc}
+            for row in rows for task, acc in row["private_tests"].items()]
 
 
 # --------------------------------------------------------------------------- figures
@@ -312,6 +381,15 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
         sections += ["## Normalization ablation — collapse diagnostics", "",
                      "Fraction of pre-tanh output elements whose variance over validation images is ~0 "
                      "(< 1e-4) and < 0.5; the variance constraint asks for 1.", "", ab, ""]
+    # One CSV per table shown, in the long form that report.json's rows have.
+    tables = {}
+    if runs:
+        tables["report_table1.csv"] = csv_text(TABLE1_COLUMNS, t1_rows)
+        tables["report_ablation.csv"] = csv_text(ABLATION_COLUMNS, ablation_long(ab_rows))
+    if records:
+        tables["report_table2.csv"] = csv_text(TABLE2_COLUMNS, table2_long(t2_rows))
+    sections += ["Tables as CSV (one row per run and private task, or per encoder and task; accuracies as "
+                 "fractions): " + ", ".join(f"[{name}]({name})" for name in sorted(tables)), ""]
     pictures = []
     if figures and records:
         private_tasks = list(dict.fromkeys(t for run in runs for t in run["private"])) or \
@@ -327,9 +405,15 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
             pictures.append("figure3.png")
             sections += ["## Figure 3 — images, naive blur, and encodings (equalized per location and channel)",
                          "", "![figure 3](figure3.png)", ""]
-    report = {"table1": t1_rows, "table2": t2_rows, "ablation": ab_rows, "figures": pictures,
+    report = {"table1": t1_rows, "table2": t2_rows, "ablation": ab_rows, "figures": pictures, "csv": sorted(tables),
               "runs": [{k: v for k, v in run.items() if k not in ("config", "metrics")} for run in runs],
               "records": records}
+    for name in ("report_table1.csv", "report_table2.csv", "report_ablation.csv"):
+        # a table left by an earlier report into this folder would contradict this one
+        if name in tables:
+            atomic_write_text(out_dir / name, tables[name])
+        else:
+            (out_dir / name).unlink(missing_ok=True)
     atomic_write_text(out_dir / "report.md", "\n".join(sections))
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     return report
