@@ -422,7 +422,7 @@ def test_verify_says_which_settings_a_trained_encoder_replaces(finished_run, tmp
     assert "classifier.stages=[[16], [16]]" in warning and "verify.max_iters" not in warning
 
 
-def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finished_run, tmp_path, capsys):
+def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finished_run, tmp_path, capsys, caplog):
     # A run trained with one protocol is verified by that protocol unless --config says otherwise
     # (it used to get the demo preset's, silently); verify.tasks chooses the tasks.
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
@@ -432,10 +432,14 @@ def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finis
     assert main(["-q", "verify", str(run / "encoder.pt"), "--out", str(tmp_path / "v"), "--no-progress"]) == 0
     records = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert [(r["task"], r["attacker"], r["lr"], r["encoder"]) for r in records] == [("g1c2", "linear", 0.0042, "run")]
-    capsys.readouterr()
-    assert main(["-q", "grid", "--encoders", str(run), "identity", "--out", str(tmp_path / "g")]) == 0
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    (other / "config.toml").write_text(load_config(str(run / "config.toml"), ["verify.lr=0.003"]).to_toml())
+    caplog.set_level("WARNING", logger="privenc")
+    assert main(["-q", "grid", "--encoders", str(run), "identity", str(other), "--out", str(tmp_path / "g")]) == 0
+    assert "other was trained with other verification settings" in caplog.text
+    assert "verify.lr: 0.003 -> 0.0042" in caplog.text
     cells = sorted(p.name for p in (tmp_path / "g" / "cells").iterdir())
-    assert cells == ["identity__g1c2", "run__g1c2"]  # the baseline on the run's data and tasks
+    assert cells == ["identity__g1c2", "other__g1c2", "run__g1c2"]  # the baseline on the run's data and tasks
     identity = json.loads((tmp_path / "g" / "cells" / "identity__g1c2" / "verify.json").read_text())
     assert identity[0]["attacker"] == "linear" and identity[0]["n_test"] == records[0]["n_test"]
 
