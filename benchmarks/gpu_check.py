@@ -1,4 +1,5 @@
-"""The GPU half of the performance targets, as one short script (< 5 minutes on one H100).
+"""The GPU half of the performance targets, as one short script (meant to take under 5 minutes
+on one H100; an estimate, not yet timed: no GPU has been lent to this project so far).
 
     python benchmarks/gpu_check.py                      # on a CUDA machine; writes $OUT/gpu.md if OUT is set
     python benchmarks/gpu_check.py --device cpu --quick # smoke run on a CPU: tiny sizes, no compile

@@ -5,7 +5,7 @@ docs/performance.md.
     python benchmarks/run.py --quick          # a smoke run: every benchmark, tiny sizes, 1 repeat
     python benchmarks/run.py --only load,attack --repeats 7 --out /tmp/perf.md
 
-Every comparison runs its variants interleaved and repeated in this one process (see
+Every comparison runs its variants interleaved and repeated, most in this one process (see
 measure.py); numbers are medians and ratios of medians within the run. The GPU half of the
 targets is measured by benchmarks/gpu_check.py on a CUDA machine; here, --device cuda runs it.
 """
@@ -230,10 +230,27 @@ def bound_note(config, family: str, batch: int) -> str:
             f"to the re-encoding side, per-step overheads to both.")
 
 
+def git_commit() -> str:
+    """The checked-out commit, with "+ changes" when the tree differs from it; "unknown" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
 def run_header(command: str, repeats: int, wall: float, load_before: str, one_before: float | None) -> list[str]:
     info = machine()
-    lines = [f"- command: `{command}` ({repeats} interleaved repeats per comparison; wall time {wall:.0f} s)",
+    lines = [f"- command: `{command}` ({repeats} interleaved repeats per comparison unless its row says fewer; "
+             f"wall time {wall:.0f} s)",
              f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+             f"- commit: {git_commit()} (the code measured; the commit that adds this file comes after it)",
              *[f"- {key}: {value}" for key, value in info.items()],
              "- device: cpu" + ("" if not torch.cuda.is_available() else " (a GPU is present; see gpu_check.py)"),
              f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} in this process (the privenc "
@@ -247,7 +264,8 @@ def run_header(command: str, repeats: int, wall: float, load_before: str, one_be
     busy = ((one_before is not None and one_before > 0.5)
             or (after is not None and after > torch.get_num_threads() + 0.5))
     if busy:
-        lines.append("- **Measured under load from other processes** (the load average above counts them): "
+        lines.append("- **Measured under load from other processes** (the load average above counts them: more "
+                     "than 0.5 before the run, or more than this process's threads + 0.5 at its end): "
                      "absolute rates are lower and noisier than on an idle machine; the interleaved ratios "
                      "are the numbers to compare.")
     return lines
