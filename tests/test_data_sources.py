@@ -336,12 +336,19 @@ def test_csv_source(tmp_path):
 
 def test_csv_without_a_category_column_draws_categories_from_its_first_attribute(tmp_path, caplog):
     caplog.set_level("INFO")
-    csv_path = make_csv(tmp_path, "path,gender,age\na.jpg,f,young\nb.jpg,m,\n")
+    csv_path = make_csv(tmp_path, "path,gender,age\na.jpg,f,young\nb.jpg,m,\nc.jpg,f,old\n")
     source = CsvSource(csv_path)  # data.category_attribute left at "category"
-    assert source.attributes["category"] == ["f", "m"] and source.groups == {"all": ["f", "m"]}
+    assert source.attributes["category"] == ["f", "m", "f"] and source.groups == {"all": ["f", "m"]}
     assert "first attribute column, 'gender'" in caplog.text
     with pytest.raises(DataError, match=r"faces\.csv:3: empty cell in column 'age' \(the category column"):
         CsvSource(csv_path, "age")
+    make_csv(tmp_path, "path,age,gender\na.jpg,young,f\nb.jpg,,m\n")
+    with pytest.raises(DataError, match=r"faces\.csv:3: empty cell in column 'age' \(the CSV has no 'category' "
+                                        r"column, so its first attribute column is the category"):
+        CsvSource(csv_path)
+    make_csv(tmp_path, "path,id,gender\na.jpg,17,f\nb.jpg,18,m\nc.jpg,19,f\n")
+    with pytest.raises(DataError, match=r"first attribute column 'id' has a different value on every row"):
+        CsvSource(csv_path)
 
 
 def test_csv_without_path_column(tmp_path):

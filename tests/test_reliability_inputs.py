@@ -418,7 +418,7 @@ def test_verify_says_which_settings_a_trained_encoder_replaces(finished_run, tmp
     verify_sets = [s for s in TINY if s.startswith("verify.")]
     assert main(["-q", "verify", str(finished_run), *_sets([*verify_sets, "classifier.stages=[[16], [16]]"]),
                  "--task", "g1c0", "--out", str(tmp_path / "v"), "--no-progress"]) == 0
-    warning = next(r.getMessage() for r in caplog.records if "ignored for a trained encoder" in r.getMessage())
+    warning = next(r.getMessage() for r in caplog.records if "ignored for the trained encoders" in r.getMessage())
     assert "classifier.stages=[[16], [16]]" in warning and "verify.max_iters" not in warning
 
 
@@ -442,6 +442,30 @@ def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finis
     assert cells == ["identity__g1c2", "other__g1c2", "run__g1c2"]  # the baseline on the run's data and tasks
     identity = json.loads((tmp_path / "g" / "cells" / "identity__g1c2" / "verify.json").read_text())
     assert identity[0]["attacker"] == "linear" and identity[0]["n_test"] == records[0]["n_test"]
+
+
+def test_an_encoder_is_named_after_its_run_however_it_is_given(finished_run, tmp_path, monkeypatch, capsys):
+    from privenc.verify import encoder_label, run_folder_of
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    monkeypatch.chdir(run)
+    assert encoder_label(".") == encoder_label("encoder.pt") == encoder_label(f"{run}/") == "run"
+    shutil.copy(run / "encoder.pt", run / "from_elsewhere.pt")  # a file copied in is not that run's encoder
+    assert run_folder_of("from_elsewhere.pt") is None and encoder_label("from_elsewhere.pt") == "from_elsewhere.pt"
+    assert main(["-q", "grid", "--encoders", str(run), f"{run}/", "--tasks", "g1c0", "--out", str(tmp_path / "g")]) == 2
+    assert "is listed twice" in capsys.readouterr().err
+    # A config.toml that cannot be read is named, not only its bad key.
+    (run / "config.toml").write_text((run / "config.toml").read_text() + "future_key = 1\n")
+    assert main(["-q", "verify", "encoder.pt", "--out", str(tmp_path / "v")]) == 2
+    assert f"{run / 'config.toml'}: unknown key verify.future_key" in capsys.readouterr().err
+
+
+def test_resume_accepts_changed_verification_settings(finished_run, tmp_path, capsys):
+    # They do not change what training computes; verify reads them from config.toml.
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    assert main(["-q", "train", "--resume", str(run), "--set", "verify.max_iters=20", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert load_config(str(run / "config.toml")).verify.max_iters == 20
 
 
 def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_path, capsys):

@@ -105,6 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The device is where the run continues, not what it computes: a run may move between machines.
         state = ckpt.load(checkpoint)
         diff = config_diff(state["config"], config.to_dict(), ignore=("train.device",))
+        # Verification settings do not change what training computes: accepted, and recorded.
+        verify_changes = [line for line in diff if line.startswith("verify.")]
+        diff = [line for line in diff if not line.startswith("verify.")]
         end = config.train.warmup_iters + config.train.iters
         if state["step"] > end:
             raise ConfigError(f"cannot resume {run_dir} to end at step {end}: its checkpoint is at step "
@@ -115,6 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               + "\n  ".join(diff))
         if diff:
             log.warning("resuming %s with a changed config:\n  %s", run_dir, "\n  ".join(diff))
+        if verify_changes:
+            log.info("verification settings of %s changed:\n  %s", run_dir, "\n  ".join(verify_changes))
+        if diff or verify_changes:
             ckpt.atomic_write_text(saved, config.to_toml())
         path = train(config, run_dir, resume=True, progress=not args.no_progress)
     else:
@@ -164,16 +170,27 @@ def _verification_config(args: argparse.Namespace, encoders: list[str]):
     return config
 
 
+def _warn_ignored_for_runs(overrides: list[str], encoders: list[str]) -> None:
+    """A trained encoder brings its own data, encoder and classifier config: say which --set
+    values it replaces (for a grid they still reach the baselines)."""
+    from privenc.verify import BASELINES, run_folder_of
+
+    runs = [run for run in map(run_folder_of, encoders) if run is not None]
+    ignored = [item for item in overrides if not item.strip().startswith("verify.")]
+    if runs and ignored:
+        baselines = [e for e in encoders if e in BASELINES]
+        log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
+                    "(%s): %s; only verify.* settings apply to them%s",
+                    ", ".join(str(run / "config.toml") for run in runs), ", ".join(ignored),
+                    f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
+                    if baselines else "")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from privenc.verify import run_folder_of, verify
+    from privenc.verify import verify
 
     config = _verification_config(args, [args.encoder])
-    run = run_folder_of(args.encoder)
-    if run is not None:
-        ignored = [item for item in args.overrides if not item.strip().startswith("verify.")]
-        if ignored:
-            log.warning("ignored for a trained encoder, which brings its own data, encoder and classifier config "
-                        "(%s): %s; only verify.* settings apply", run / "config.toml", ", ".join(ignored))
+    _warn_ignored_for_runs(args.overrides, [args.encoder])
     tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
     verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
     print((Path(args.out) / "summary.md").read_text(), end="")
@@ -197,6 +214,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from privenc.verify import summarize
 
     config = _verification_config(args, args.encoders)
+    _warn_ignored_for_runs(args.overrides, args.encoders)
     tasks = args.tasks or config.verify.tasks
     if not tasks:
         raise ConfigError("grid: no tasks; give --tasks or set verify.tasks")
@@ -257,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a config changed by --set (the differences are listed; "
-                        "the device may change without it)")
+                        "the device and verify.* settings may change without it)")
     p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps; "
                                     "shorthand for --set train.device=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

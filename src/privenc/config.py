@@ -252,7 +252,12 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
             )
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(raw)
+    try:
+        return from_dict(raw)
+    except ConfigError as err:
+        if source and source not in preset_names():  # a file: say which (a run's config.toml, say)
+            raise ConfigError(f"{source}{' with the --set values' if overrides else ''}: {err}") from None
+        raise
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

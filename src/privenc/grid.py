@@ -90,7 +90,8 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
         seen: dict[str, str] = {}
         for name, spec in zip(names, given):
             if name in seen:
-                same = "is listed twice" if seen[name] == spec else f"and {seen[name]!r} share the cell name {name!r}"
+                twice = seen[name] == spec or (kind == "encoders" and Path(seen[name]).resolve() == Path(spec).resolve())
+                same = "is listed twice" if twice else f"and {seen[name]!r} share the cell name {name!r}"
                 raise ConfigError(f"grid {kind}: {spec!r} {same}; every cell needs its own folder "
                                   f"(GRID/cells/<encoder>__<task>): rename or drop one")
             seen[name] = spec
@@ -109,9 +110,10 @@ def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = None  # grid.json is rewritten below; the cells are what matter
     new = json.loads(json.dumps(config_dict))  # as it would read back
-    if old is None or old == new:
+    # verify.tasks only chooses the tasks when --tasks is not given; a cell's task is its own
+    diff = config_diff(old, new, ignore=("verify.tasks",)) if old is not None else []
+    if not diff:
         return
-    diff = config_diff(old, new)
     raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "
                       f"computed with ({path}); use a new --out, or delete the folder:\n  " + "\n  ".join(diff))
 

@@ -105,13 +105,16 @@ def learned_encoder_path(spec: str) -> Path:
 
 def run_folder_of(spec: str) -> Path | None:
     """The training run folder of a learned encoder given as that folder or as its encoder.pt:
-    the folder holding its config.toml. None for a baseline, an encoder file alone, or a path
-    that is not there (:func:`learned_encoder_path` says what is wrong with it)."""
+    the folder holding its config.toml. None for a baseline, any other file (an encoder file
+    alone, or copied into another run's folder under another name), or a path that is not there
+    (:func:`learned_encoder_path` says what is wrong with it)."""
+    from privenc.train import ENCODER_FILE
+
     if spec in BASELINES:
         return None
-    path = Path(spec)
-    folder = path if path.is_dir() else path.parent
-    return folder if (folder / "config.toml").is_file() and (path.is_dir() or path.is_file()) else None
+    path = Path(spec).resolve()
+    folder = path if path.is_dir() else path.parent if path.name == ENCODER_FILE and path.is_file() else None
+    return folder if folder is not None and (folder / "config.toml").is_file() else None
 
 
 def encoder_label(spec: str) -> str:
@@ -120,7 +123,7 @@ def encoder_label(spec: str) -> str:
     if spec in BASELINES:
         return spec
     folder = run_folder_of(spec)
-    return folder.name if folder is not None else Path(spec).name
+    return folder.name if folder is not None else Path(spec).resolve().name
 
 
 def check_tasks(data: DataConfig, tasks: list[str]) -> None:

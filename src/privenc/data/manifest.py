@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PATH_COLUMN = "path"
 DEFAULT_CATEGORY = "category"
+_CATEGORY_WHY = ": splits are drawn per category"
 
 
 class CsvSource(FileSource):
@@ -54,7 +55,8 @@ class CsvSource(FileSource):
                 f"{csv_path}: no {PATH_COLUMN!r} column; columns are {', '.join(header) or '(none)'}"
             )
         attribute_columns = [c for c in header if c != PATH_COLUMN]
-        if category_attribute == DEFAULT_CATEGORY and DEFAULT_CATEGORY not in header and attribute_columns:
+        chosen = category_attribute == DEFAULT_CATEGORY and DEFAULT_CATEGORY not in header and attribute_columns
+        if chosen:
             category_attribute = attribute_columns[0]
             log.info("CSV %s has no 'category' column: splits and detection tasks use its first attribute "
                      "column, %r (data.category_attribute chooses another)", csv_path, category_attribute)
@@ -77,8 +79,10 @@ class CsvSource(FileSource):
             for col in (path_col, cat_col):
                 if not row[col]:
                     why = "" if col == path_col else (
-                        " (the category column, data.category_attribute: splits are drawn per category, so "
-                        "every image needs one)")
+                        f" (the CSV has no 'category' column, so its first attribute column is the category"
+                        f"{_CATEGORY_WHY}, and every image needs one; set data.category_attribute to another "
+                        f"column)" if chosen else
+                        f" (the category column, data.category_attribute{_CATEGORY_WHY}, and every image needs one)")
                     raise DataError(f"{csv_path}:{lineno}: empty cell in column {header[col]!r}{why}")
             rel = relative_path(row[path_col], csv_path, lineno)
             if rel in first_line:
@@ -106,6 +110,13 @@ class CsvSource(FileSource):
         }
         attributes["category"] = attributes[category_attribute]
         present = sorted(set(attributes["category"]))
+        if chosen and len(ids) > 1 and len(present) == len(ids):  # an id or file-name column
+            raise DataError(
+                f"{csv_path}: no 'category' column, and its first attribute column {category_attribute!r} has a "
+                f"different value on every row, so it cannot be the category{_CATEGORY_WHY}, each with several "
+                f"images; add a 'category' "
+                f"column or set data.category_attribute to one of: {', '.join(attribute_columns)}"
+            )
         self.groups = resolve_groups(groups, present, (), str(csv_path)) if groups else {"all": present}
         self.name = "csv"
         self.root = image_root
