@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import shutil
 import socket
 from pathlib import Path
@@ -15,9 +17,11 @@ from torch import nn
 
 from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
 from privenc.models import (
+    BiasFreeBatchNorm2d,
     BlurEncoder,
     Classifier,
     Encoder,
+    GlobalBatchNorm2d,
     IdentityEncoder,
     PerLocationBatchNorm,
     build_attacker,
@@ -172,22 +176,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_distributed_bn(dtype: torch.dtype) -> PerLocationBatchNorm:
+BN_KINDS = {
+    "per_location": lambda: PerLocationBatchNorm(2, 3, 3, scale=True, bias=True, momentum=0.5),
+    "per_channel": lambda: GlobalBatchNorm2d(2, momentum=0.5),  # the classifiers' BN
+    "per_channel_no_bias": lambda: BiasFreeBatchNorm2d(2, momentum=0.5),  # the encoder's "batch" ablation
+}
+
+
+def _make_distributed_bn(kind: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
-    bn = PerLocationBatchNorm(2, 3, 3, scale=True, bias=True, momentum=0.5)
+    bn = BN_KINDS[kind]()
     with torch.no_grad():  # non-trivial affine parameters, so their gradients matter
         bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+        if bn.bias is not None:
+            bn.bias.uniform_(-0.5, 0.5)
     return bn.to(dtype).train()
 
 
-def _bn_step(bn: PerLocationBatchNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _bn_step(bn: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """One training forward and backward of sum(bn(x) * g); everything the test compares."""
     x = x.clone().requires_grad_(True)
     y = bn(x)
     (y * g).sum().backward()
-    return {"y": y.detach(), "grad": x.grad, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
-            "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
+    found = {"y": y.detach(), "grad": x.grad, "weight_grad": bn.weight.grad,
+             "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
+    if bn.bias is not None:
+        found["bias_grad"] = bn.bias.grad
+    return found
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -198,8 +213,8 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, x: torch
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         part = slice(sum(splits[:rank]), sum(splits[:rank + 1]))
-        results = {name: _bn_step(_make_distributed_bn(dtype), x[part].to(dtype), g[part].to(dtype))
-                   for name, dtype in DTYPES.items()}
+        results = {f"{kind}/{name}": _bn_step(_make_distributed_bn(kind, dtype), x[part].to(dtype), g[part].to(dtype))
+                   for kind in BN_KINDS for name, dtype in DTYPES.items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         # Both ranks done before either tears gloo down: a rank that destroys the group while
         # the other is still in a collective can abort it (seen once on a loaded 2-core machine).
@@ -208,9 +223,11 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, x: torch
         dist.destroy_process_group()
 
 
-def test_per_location_bn_uses_global_batch_statistics_across_ranks(tmp_path: Path) -> None:
+def test_batch_norms_use_global_batch_statistics_across_ranks(tmp_path: Path) -> None:
     # Two gloo processes with unequal local batches must reproduce one process on the
-    # concatenated batch: outputs, input gradients, summed parameter gradients, buffers.
+    # concatenated batch: outputs, input gradients, summed parameter gradients, buffers; for the
+    # per-location BN and for the per-channel ones (classifiers, the "batch" ablation), whose
+    # single-process reference is torch's own kernel.
     # In float64 to 1e-5 (that checks the statistics and their gradients); in float32 too,
     # where locations with a large mean and a small spread check numerical stability (a
     # one-pass sum of squares is off by 1e-4 in the outputs).
@@ -220,9 +237,10 @@ def test_per_location_bn_uses_global_batch_statistics_across_ranks(tmp_path: Pat
     mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path), x, g, splits), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
-    for name, dtype in DTYPES.items():
-        single = _bn_step(_make_distributed_bn(dtype), x.to(dtype), g.to(dtype))
-        parts = [r[name] for r in ranks]
+    for kind, (name, dtype) in itertools.product(BN_KINDS, DTYPES.items()):
+        single = _bn_step(_make_distributed_bn(kind, dtype), x.to(dtype), g.to(dtype))
+        parts = [r[f"{kind}/{name}"] for r in ranks]
+        name = f"{kind}/{name}"
         # float32 gradients are sums in a different order (and ~20 at the std-0.1 locations):
         # compare them relative to their size.
         grad_tol = 1e-5 if dtype == torch.float64 else 1e-5 * single["grad"].abs().max().item()
@@ -230,7 +248,8 @@ def test_per_location_bn_uses_global_batch_statistics_across_ranks(tmp_path: Pat
         assert torch.allclose(torch.cat([p["y"] for p in parts]), single["y"], atol=1e-5), name
         assert torch.allclose(torch.cat([p["grad"] for p in parts]), single["grad"], atol=grad_tol), name
         for key in ("weight_grad", "bias_grad"):
-            assert torch.allclose(parts[0][key] + parts[1][key], single[key], atol=param_tol), (name, key)
+            if key in single:
+                assert torch.allclose(parts[0][key] + parts[1][key], single[key], atol=param_tol), (name, key)
         for p in parts:
             assert torch.allclose(p["running_mean"], single["running_mean"], atol=1e-5), name
             assert torch.allclose(p["running_var"], single["running_var"], rtol=1e-5, atol=1e-5), name

@@ -129,19 +129,10 @@ class PerLocationBatchNorm(nn.Module):
         return y.view(x.shape)
 
     def _global_batch_norm(self, x: torch.Tensor, view) -> torch.Tensor:
-        """Training under ``torch.distributed``: the statistics of the global batch.
-
-        Two passes (as stable as the single-process kernel), rather than one all-reduce of sums
-        and sums of squares: E[x^2] - E[x]^2 cancels in float32 exactly where it matters, at
-        nearly constant locations (mean 12, std 0.1: outputs already off by 1e-4). The count
-        rides along so that ranks may hold different local batch sizes."""
-        n = x[0].numel()
-        local = torch.cat([x.sum(0).flatten(), x.new_full((1,), float(x.shape[0]))])
-        sums = _differentiable_all_reduce(local)
-        count = sums[-1].detach()
-        mean = (sums[:n] / count).view(x.shape[1:])
-        centred = x - mean
-        var = _differentiable_all_reduce(centred.square().sum(0)) / count
+        """Training under ``torch.distributed``: the statistics of the global batch
+        (:func:`_global_moments`)."""
+        centred, mean, var, count = _global_moments(x, (0,))
+        mean, var = mean[0], var[0]
         with torch.no_grad():
             unbiased = var * (count / (count - 1.0))
             view(self.running_mean).lerp_(mean, self.momentum)
@@ -179,6 +170,27 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _global_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    """``(x - mean, mean, var, count)`` over ``dims`` of the batch spread over every rank;
+    mean and biased var keep those dims (size 1), count is the number of values per statistic.
+
+    Two passes (as stable as the single-process kernels), rather than one all-reduce of sums
+    and sums of squares: E[x^2] - E[x]^2 cancels in float32 exactly where it matters, at
+    nearly constant locations (mean 12, std 0.1: outputs already off by 1e-4). The count rides
+    along so that ranks may hold different local batch sizes. Differentiable: the backward of
+    each all-reduce is a sum over ranks, so gradients are those of the global batch.
+    """
+    sums = x.sum(dims, keepdim=True)
+    n = sums.numel()
+    total = _differentiable_all_reduce(torch.cat([sums.flatten(), x.new_full((1,), float(x.numel() // n))]))
+    count = total[-1].detach()
+    mean = (total[:n] / count).view(sums.shape)
+    centred = x - mean
+    var = _differentiable_all_reduce(centred.square().sum(dims, keepdim=True).flatten()).view(sums.shape) / count
+    return centred, mean, var, count
+
+
 def _differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks whose backward is also a sum over ranks (gradients of the global batch).
 
@@ -195,12 +207,43 @@ def _differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce(tensor)
 
 
-class BiasFreeBatchNorm2d(nn.BatchNorm2d):
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, training under ``torch.distributed``, normalizes with the
+    statistics of the global batch, as :class:`PerLocationBatchNorm` does: data-parallel
+    training then computes what one process would on the whole batch. Unlike ``SyncBatchNorm``
+    it works on every device and backend (gloo on CPUs included). One process, or eval mode:
+    the native kernel, unchanged. Same parameters and buffers as ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _world_size() > 1):
+            return super().forward(x)
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"GlobalBatchNorm2d({self.num_features}) got input of shape {tuple(x.shape)}")
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        centred, mean, var, count = _global_moments(xf, (0, 2, 3))
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None = a cumulative average, as in nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.flatten().to(self.running_mean.dtype), factor)
+                unbiased = var.flatten() * (count / (count - 1.0))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.view(1, -1, 1, 1)
+        y = centred * scale
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+class BiasFreeBatchNorm2d(GlobalBatchNorm2d):
     """Standard per-channel BatchNorm2d with a learnable scale and no bias.
 
-    The paper's normalization ablation (Sec. 4.2, "standard BN without biases"). Under torchrun
-    it normalizes each rank's share of the batch, as the classifiers' BatchNorm2d does (nothing
-    converts them to SyncBatchNorm); only :class:`PerLocationBatchNorm` uses global statistics.
+    The paper's normalization ablation (Sec. 4.2, "standard BN without biases"); global batch
+    statistics under torchrun (:class:`GlobalBatchNorm2d`).
     """
 
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
@@ -439,7 +482,7 @@ class Classifier(nn.Module):
             for width in widths:
                 layers.append(_conv(cin, width, cfg.kernel_size, bias=not cfg.batch_norm))
                 if cfg.batch_norm:
-                    layers.append(nn.BatchNorm2d(width))
+                    layers.append(GlobalBatchNorm2d(width))
                 layers.append(nn.ReLU(inplace=True))
                 cin = width
         self.features = nn.Sequential(*layers)
