@@ -547,3 +547,35 @@ def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path,
     assert main(argv) == 0, capsys.readouterr().err
     metrics = (tmp_path / "new" / "metrics.jsonl").read_text()
     assert "NaN" not in metrics and (tmp_path / "new" / "encoder.pt").exists()
+
+
+def test_steps_without_a_known_label_are_left_out_of_the_logged_accuracy(tmp_path, capsys):
+    # Age is known for 4 of 30 images: most batches of 4 hold none. Their accuracy is NaN, which
+    # must neither stop training as a non-finite value nor reach metrics.jsonl.
+    rows = "".join(f"img/{i:02d}.png,{'fm'[i % 2]},{('young', 'old')[i % 2] if i < 4 else ''}\n" for i in range(30))
+    path = _csv(tmp_path, "path,gender,age\n" + rows, tuple(f"img/{i:02d}.png" for i in range(30)))
+    argv = _train(tmp_path, ["data.source=csv", f"data.root={path}", "train.batch_size=4", "train.log_every=9"],
+                  private="attribute:gender", desirable="attribute:age")
+    assert main(argv) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["desirable_train_acc"] for r in records if "desirable_train_acc" in r]
+    assert all(0.0 <= a <= 1.0 for a in logged)
+
+
+def test_logged_means_leave_out_the_steps_without_a_known_label() -> None:
+    from privenc.train import add_to_running_sums, logged_values
+
+    sums, counts = {}, {}
+    for accuracy in (float("nan"), 1.0, float("nan"), 0.0):
+        add_to_running_sums(sums, counts, logged_values({"desirable_train_acc": torch.tensor(accuracy),
+                                                         "encoder_loss": torch.tensor(2.0)}))
+    assert sums["desirable_train_acc"] / counts["desirable_train_acc"] == 0.5  # counting NaN steps as 0: 0.25
+    assert counts["encoder_loss"] == 4
+
+
+def test_the_accuracy_of_a_batch_without_a_known_label_is_nan() -> None:
+    from privenc.adversarial import _accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    assert _accuracy(logits, torch.tensor([0, 0, -1])).item() == 0.5
+    assert _accuracy(logits, torch.tensor([-1, -1, -1])).isnan()

@@ -15,6 +15,9 @@ from torch import nn
 
 from privenc import losses
 
+ACCURACY_SUFFIX = "_train_acc"
+"""Logged training accuracies end with it; they are NaN for a batch without a known label."""
+
 
 @dataclass
 class Players:
@@ -71,13 +74,13 @@ def classifier_step(
             loss = losses.classifier_loss(logits, private_labels[:, k])
             total = total + loss
             stats[f"private{k}_loss"] = loss.detach()
-            stats[f"private{k}_train_acc"] = _accuracy(logits, private_labels[:, k])
+            stats[f"private{k}{ACCURACY_SUFFIX}"] = _accuracy(logits, private_labels[:, k])
         if players.desirable_classifier is not None:
             logits = players.desirable_classifier(encodings).float()
             loss = losses.classifier_loss(logits, desirable_labels)
             total = total + loss
             stats["desirable_loss"] = loss.detach()
-            stats["desirable_train_acc"] = _accuracy(logits, desirable_labels)
+            stats[f"desirable{ACCURACY_SUFFIX}"] = _accuracy(logits, desirable_labels)
     total.backward()
     optimizer.step()
     stats["classifier_loss"] = total.detach()
@@ -85,8 +88,10 @@ def classifier_step(
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction right over the images whose label is known."""
-    return losses.mean_over_known((logits.argmax(1) == labels).float(), labels)
+    """Fraction right over the images whose label is known; NaN if none is (training leaves
+    that step out of the logged mean instead of counting it as 0)."""
+    accuracy = losses.mean_over_known((logits.argmax(1) == labels).float(), labels)
+    return torch.where(labels.ne(losses.UNKNOWN).any(), accuracy, torch.full_like(accuracy, float("nan")))
 
 
 def encoder_step(

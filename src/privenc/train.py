@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from privenc import checkpoint as ckpt
 from privenc import distributed
-from privenc.adversarial import Players, classifier_step, encoder_step, evaluate
+from privenc.adversarial import ACCURACY_SUFFIX, Players, classifier_step, encoder_step, evaluate
 from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
@@ -153,9 +153,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     total = t.warmup_iters + t.iters
     encoder_path = run_dir / ENCODER_FILE
     sums: dict[str, float] = {}  # running sums of the logged values since the last log
-    counted = 0
+    counts: dict[str, int] = {}  # and how many steps each sums (a step may lack a known label)
     if resume:
-        step, sums, counted = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
+        step, sums, counts = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
         if world.is_main:
             _truncate_metrics(run_dir / METRICS_FILE, step)
             # A process killed while writing a checkpoint leaves its temporary file behind.
@@ -193,7 +193,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                                       t.encoder_loss, t.alpha, t.amp))
         step += 1
 
-        values = {k: float(v) for k, v in stats.items()}
+        values = logged_values(stats)
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if world.distributed:  # every rank stops together, or the others would hang
             flag = torch.tensor([float(bool(bad))], device=device)
@@ -212,9 +212,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 + (f"The last good checkpoint is {last} (step {_checkpoint_step(last)})." if last
                    else "No checkpoint was written yet.")
             )
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        counted += 1
+        add_to_running_sums(sums, counts, values)
         bar.update(1)
 
         # ---- logging: running means since the last log, validation, collapse diagnostics
@@ -225,7 +223,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 "encoder_lr": encoder_lr(config, step - 1) if step > t.warmup_iters else 0.0,
                 "classifier_lr": t.classifier_lr,
             }
-            record.update({k: v / counted for k, v in sums.items()})
+            record.update({k: v / counts[k] for k, v in sums.items()})
             record.update(evaluate(players, [to_device(b, None) for b in val_batches]))
             record["elapsed_s"] = round(time.time() - started, 3)
             _append_metrics(run_dir / METRICS_FILE, record)
@@ -234,12 +232,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             if bar.disable:  # no bar (--no-progress, a batch job): one log line per log step instead
                 log.info("step %d/%d (%s, %.0f s): %s", step, total, record["phase"], record["elapsed_s"],
                          ", ".join(f"{k} {v}" for k, v in validation.items()))
-            sums, counted = {}, 0
+            sums, counts = {}, {}
 
         # ---- checkpoint: full state, atomically
         if step % t.checkpoint_every == 0 or step == total:
             _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream, world,
-                             sums, counted)
+                             sums, counts)
     bar.close()
 
     if world.is_main:
@@ -340,9 +338,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     ckpt.atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
+def logged_values(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's statistics as floats, less the accuracies that are NaN because no image of the
+    batch had a known label for that task (not an error: the step just says nothing of it)."""
+    values = {k: float(v) for k, v in stats.items()}
+    return {k: v for k, v in values.items() if not (k.endswith(ACCURACY_SUFFIX) and math.isnan(v))}
+
+
+def add_to_running_sums(sums: dict[str, float], counts: dict[str, int], values: dict[str, float]) -> None:
+    """Add one step's values; each logged mean is sums[k] / counts[k], over the steps that had k."""
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v
+        counts[k] = counts.get(k, 0) + 1
+
+
 def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
                      classifier_opt: torch.optim.Optimizer, encoder_opt: torch.optim.Optimizer,
-                     stream: BatchStream, world: distributed.World, sums: dict[str, float], counted: int) -> None:
+                     stream: BatchStream, world: distributed.World, sums: dict[str, float],
+                     counts: dict[str, int]) -> None:
     rng_states = distributed.gather_objects(world, ckpt.rng_state())  # a collective: every rank calls it
     if not world.is_main:
         return
@@ -358,7 +371,7 @@ def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
         "rng": rng_states[0],
         "rng_ranks": rng_states,
         # a checkpoint between two logs: the next record must average the same steps after a resume
-        "running_metrics": {"sums": dict(sums), "count": counted},
+        "running_metrics": {"sums": dict(sums), "counts": dict(counts)},
     }
     ckpt.save(path, payload)
 
@@ -378,7 +391,7 @@ def _encoder_written_at(path: Path, step: int) -> bool:
 
 def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
              encoder_opt: torch.optim.Optimizer, stream: BatchStream,
-             world: distributed.World) -> tuple[int, dict[str, float], int]:
+             world: distributed.World) -> tuple[int, dict[str, float], dict[str, int]]:
     payload = ckpt.load(path)
     ckpt.load_state(players.encoder, payload["encoder"], f"{path}: encoder")
     ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{path}: private classifiers")
@@ -394,8 +407,11 @@ def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer
         torch.manual_seed(int(payload["step"]) * 7919 + world.rank)
     else:
         ckpt.set_rng_state(states[world.rank])
-    running = payload.get("running_metrics", {"sums": {}, "count": 0})
-    return int(payload["step"]), dict(running["sums"]), int(running["count"])
+    running = payload.get("running_metrics", {"sums": {}, "counts": {}})
+    sums = dict(running["sums"])
+    # checkpoints of earlier versions kept one count for every value
+    counts = running.get("counts", {k: int(running.get("count", 0)) for k in sums})
+    return int(payload["step"]), sums, dict(counts)
 
 
 # --------------------------------------------------------------------------- the final encoder
