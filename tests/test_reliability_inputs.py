@@ -445,13 +445,13 @@ def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finis
 
 
 def test_an_encoder_is_named_after_its_run_however_it_is_given(finished_run, tmp_path, monkeypatch, capsys):
-    from privenc.verify import encoder_label, run_folder_of
+    from privenc.verify import encoder_name, run_folder_of
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     monkeypatch.chdir(run)
-    assert encoder_label(".") == encoder_label("encoder.pt") == encoder_label(f"{run}/") == "run"
+    assert encoder_name(".") == encoder_name("encoder.pt") == encoder_name(f"{run}/") == "run"
     shutil.copy(run / "encoder.pt", run / "from_elsewhere.pt")  # a file copied in is not that run's encoder
-    assert run_folder_of("from_elsewhere.pt") is None and encoder_label("from_elsewhere.pt") == "from_elsewhere.pt"
+    assert run_folder_of("from_elsewhere.pt") is None and encoder_name("from_elsewhere.pt") == "from_elsewhere.pt"
     assert main(["-q", "grid", "--encoders", str(run), f"{run}/", "--tasks", "g1c0", "--out", str(tmp_path / "g")]) == 2
     assert "is listed twice" in capsys.readouterr().err
     # A config.toml that cannot be read is named, not only its bad key.

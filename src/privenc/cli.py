@@ -148,35 +148,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _verification_config(args: argparse.Namespace, encoders: list[str]):
     """``--config``, else the config of the first trained encoder's run: its [verify] settings
     (a paper-preset run is verified by the paper's protocol) and its data (the baselines of a
-    grid see the same images), else the demo preset. ``--set`` applies on top."""
+    grid see the same images), else the demo preset. ``--set`` applies on top; a trained encoder
+    brings its own data, encoder and classifier config, so the --set values outside verify.* that
+    it replaces are named in a warning (in a grid they still reach the baselines)."""
     from privenc.config import config_diff, load_config
-    from privenc.verify import run_folder_of
-
-    if args.config is not None:
-        return _config_from_args(args)
-    runs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
-    if not runs:
-        args.config = "demo"
-        return _config_from_args(args)
-    args.config = str(runs[0] / "config.toml")
-    config = _config_from_args(args)
-    log.info("verification settings from %s (no --config given)", args.config)
-    for other in runs[1:]:
-        theirs = load_config(str(other / "config.toml"), [o for o in args.overrides if o.strip().startswith("verify.")])
-        diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": config.to_dict()["verify"]})
-        if diff:
-            log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
-                        other, args.config, "; ".join(diff))
-    return config
-
-
-def _warn_ignored_for_runs(overrides: list[str], encoders: list[str]) -> None:
-    """A trained encoder brings its own data, encoder and classifier config: say which --set
-    values it replaces (for a grid they still reach the baselines)."""
     from privenc.verify import BASELINES, run_folder_of
 
-    runs = [run for run in map(run_folder_of, encoders) if run is not None]
-    ignored = [item for item in overrides if not item.strip().startswith("verify.")]
+    runs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
+    verify_sets = [item for item in args.overrides if item.strip().startswith("verify.")]
+    ignored = [item for item in args.overrides if item not in verify_sets]
     if runs and ignored:
         baselines = [e for e in encoders if e in BASELINES]
         log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
@@ -184,13 +164,27 @@ def _warn_ignored_for_runs(overrides: list[str], encoders: list[str]) -> None:
                     ", ".join(str(run / "config.toml") for run in runs), ", ".join(ignored),
                     f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
                     if baselines else "")
+    if args.config is not None:
+        return _config_from_args(args)
+    if not runs:
+        args.config = "demo"
+        return _config_from_args(args)
+    args.config = str(runs[0] / "config.toml")
+    config = _config_from_args(args)
+    log.info("verification settings from %s (no --config given)", args.config)
+    for other in runs[1:]:
+        theirs = load_config(str(other / "config.toml"), verify_sets)
+        diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": config.to_dict()["verify"]})
+        if diff:
+            log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
+                        other, args.config, "; ".join(diff))
+    return config
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from privenc.verify import verify
 
     config = _verification_config(args, [args.encoder])
-    _warn_ignored_for_runs(args.overrides, [args.encoder])
     tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
     verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
     print((Path(args.out) / "summary.md").read_text(), end="")
@@ -214,7 +208,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from privenc.verify import summarize
 
     config = _verification_config(args, args.encoders)
-    _warn_ignored_for_runs(args.overrides, args.encoders)
     tasks = args.tasks or config.verify.tasks
     if not tasks:
         raise ConfigError("grid: no tasks; give --tasks or set verify.tasks")

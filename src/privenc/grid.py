@@ -21,13 +21,13 @@ import torch
 
 from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
 from privenc.config import Config, ConfigError, config_diff, from_dict
-from privenc.verify import check_tasks, encoder_label, load_encoder_spec, verify
+from privenc.verify import check_tasks, encoder_name, load_encoder_spec, verify
 
 log = logging.getLogger(__name__)
 
 
 def cell_dir(out_dir: Path, spec: str, task: str) -> Path:
-    return Path(out_dir) / "cells" / f"{encoder_label(spec)}__{task.replace('/', '-')}"
+    return Path(out_dir) / "cells" / f"{encoder_name(spec)}__{task.replace('/', '-')}"
 
 
 def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, device: str, threads: int) -> str:
@@ -85,7 +85,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
 def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
     """Refuse, before any work, a grid whose cells would share a folder, an encoder that is
     neither a baseline nor a loadable trained encoder, and a task its data does not have."""
-    for kind, given, names in (("encoders", encoders, [encoder_label(e) for e in encoders]),
+    for kind, given, names in (("encoders", encoders, [encoder_name(e) for e in encoders]),
                                ("tasks", tasks, [t.replace("/", "-") for t in tasks])):
         seen: dict[str, str] = {}
         for name, spec in zip(names, given):

@@ -60,15 +60,15 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     def tail_mean(key: str) -> float | None:
         values = [m[key] for m in tail if key in m]
         return float(np.mean(values)) if values else None
+    # one per private task, in config order (training logs val_private{k}_acc)
+    private_accs = {task: tail_mean(f"val_private{k}_acc") for k, task in enumerate(config.train.private)}
     return {
         "name": run_dir.name, "path": str(run_dir), "config": config,
         "private": config.train.private, "desirable": config.train.desirable,
         "encoder_loss": config.train.encoder_loss, "norm": config.encoder.norm,
         "steps": last.get("step"),
-        "within_val_private_acc": tail_mean("val_private0_acc"),
-        # the same for every private task, in config order (training logs val_private{k}_acc)
-        "within_val_private_accs": {task: tail_mean(f"val_private{k}_acc")
-                                    for k, task in enumerate(config.train.private)},
+        "within_val_private_acc": next(iter(private_accs.values()), None),  # the first private task's
+        "within_val_private_accs": private_accs,
         "within_val_desirable_acc": tail_mean("val_desirable_acc"),
         "collapse_zero_var_frac": last.get("collapse_zero_var_frac"),
         "collapse_low_var_frac": last.get("collapse_low_var_frac"),

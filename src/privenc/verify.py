@@ -117,7 +117,7 @@ def run_folder_of(spec: str) -> Path | None:
     return folder if folder is not None and (folder / "config.toml").is_file() else None
 
 
-def encoder_label(spec: str) -> str:
+def encoder_name(spec: str) -> str:
     """How results name an encoder: a baseline's name, its run folder's name (also when given
     as the run's encoder.pt), else the file name."""
     if spec in BASELINES:
@@ -153,7 +153,7 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
                  else f"the data config gives {run_config.data.image_size} (data.image_size; an encoder file "
                       f"alone is verified on the --config data: give its run folder, or set data.image_size)")
         raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
-    return LoadedEncoder(encoder_label(spec), "learned", module, run_config, run_dir)
+    return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
 
 
 def _freeze(module: nn.Module) -> dict[str, torch.Tensor]:
