@@ -46,7 +46,7 @@ import torch
 from privenc import deploy
 from privenc.config import load_config
 from privenc.models import Encoder
-from privenc.train import save_encoder
+from privenc.runs import save_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import machine  # noqa: E402

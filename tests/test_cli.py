@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
+
 from privenc.cli import build_parser, main
 
 

@@ -2,7 +2,9 @@
 
 import pytest
 
-from privenc.config import Config, ConfigError, from_dict, load_config, preset_names, write_run_config
+from privenc.config import Config, from_dict, load_config, preset_names
+from privenc.errors import ConfigError
+from privenc.runs import write_config
 
 
 def test_presets_are_shipped_and_load():
@@ -84,7 +86,7 @@ def test_unknown_preset_lists_the_presets():
 
 def test_config_file_round_trips_through_toml(tmp_path):
     config = load_config("places-mini", ["train.iters=3"])
-    write_run_config(config, tmp_path / "run")
+    write_config(config, tmp_path / "run")
     again = load_config(str(tmp_path / "run" / "config.toml"))
     assert again == config
     assert (tmp_path / "run" / "meta.json").exists()

@@ -19,9 +19,16 @@ from PIL import Image
 
 from privenc.config import DataConfig
 from privenc.data import (
-    DataError, FolderSource, ImageDataset, LazyImages, inspect, open_images, open_source, prepare,
+    DataError,
+    FolderSource,
+    ImageDataset,
+    LazyImages,
+    cache,
+    inspect,
+    open_images,
+    open_source,
+    prepare,
 )
-from privenc.data import cache
 from privenc.data.cache import cache_file
 from privenc.data.images import resize_square
 from privenc.data.transforms import eval_transform, train_transform

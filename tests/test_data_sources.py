@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from privenc.config import PLACES_GROUPS
-from privenc.data.base import DataError
 from privenc.data.folder import FolderSource
 from privenc.data.images import read_image, resize_square
 from privenc.data.manifest import CsvSource
 from privenc.data.places365 import Places365Source
 from privenc.data.tasks import parse_task, select
+from privenc.errors import DataError
 
 MINI = Path(__file__).resolve().parents[2] / "shared/data/places365-mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"places365-mini not found at {MINI}")

@@ -7,8 +7,8 @@ import colorsys
 import numpy as np
 import pytest
 
-from privenc.data.base import DataError
 from privenc.data.synthetic import (
+    _SDF,
     ASSIGNMENT,
     BUILTIN_GROUPS,
     CUE_PROBABILITY,
@@ -19,9 +19,9 @@ from privenc.data.synthetic import (
     TEXTURES,
     VOCABULARY,
     SyntheticSource,
-    _SDF,
     cue_values,
 )
+from privenc.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from privenc.data.base import DataError, Source
+from privenc.data.base import Source
 from privenc.data.splits import make_splits, read_splits, split_counts, write_splits
 from privenc.data.tasks import Task, combine_tasks, parse_task, select
+from privenc.errors import DataError
 
 
 class FakeSource(Source):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import TINY
+
 from privenc.config import load_config
 from privenc.demo import run_demo
 

@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
-from conftest import TINY
 from privenc import deploy
-from privenc.checkpoint import CheckpointError
 from privenc.cli import main
-from privenc.config import ConfigError, load_config
-from privenc.data.base import DataError
+from privenc.config import load_config
 from privenc.data.images import read_image, resize_square
 from privenc.data.transforms import eval_transform
+from privenc.errors import CheckpointError, ConfigError, DataError
 from privenc.models import Encoder
 from privenc.report import equalize
-from privenc.train import load_encoder, save_encoder
+from privenc.runs import load_encoder, save_encoder
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import TINY
+
 from privenc import checkpoint as ckpt
 from privenc.grid import cell_dir
 

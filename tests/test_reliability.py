@@ -5,7 +5,7 @@ Kill tests start the real command line in a subprocess, SIGKILL it at a seeded r
 after its first result file exists, finish the work in this process and compare with an
 uninterrupted run, bit for bit (CPU, one thread on both sides). PRIVENC_FAULT_SEED picks other
 kill moments (the delay is in every failure message, so a failure can be replayed).
-Write failures are injected inside ``checkpoint.atomic_write_bytes``, which every result file
+Write failures are injected inside ``atomic.atomic_write_bytes``, which every result file
 goes through, by swapping the ``os``/``tempfile`` modules it sees for proxies.
 """
 
@@ -27,19 +27,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
 import privenc
-from conftest import TINY
+from privenc import atomic, deploy
 from privenc import checkpoint as ckpt
-from privenc import deploy
 from privenc.cli import main
 from privenc.config import load_config
+from privenc.errors import TrainingError, VerificationError
 from privenc.grid import cell_dir, run_grid
 from privenc.models import Encoder
 from privenc.report import build_report
-from privenc.train import TrainingError, load_encoder, save_encoder, train
-from privenc.verify import VerificationError, verify
+from privenc.runs import load_encoder, save_encoder
+from privenc.train import train
+from privenc.verify import verify
 
 SRC = Path(privenc.__file__).resolve().parents[1]
 FAULT_SEED = int(os.environ.get("PRIVENC_FAULT_SEED", "0"))
@@ -209,8 +211,8 @@ def faults(monkeypatch):
             raise rule[1]
         return os.replace(src, dst)
 
-    monkeypatch.setattr(ckpt, "tempfile", _Proxy(__import__("tempfile"), mkstemp=mkstemp))
-    monkeypatch.setattr(ckpt, "os", _Proxy(os, fdopen=fdopen, replace=replace_))
+    monkeypatch.setattr(atomic, "tempfile", _Proxy(__import__("tempfile"), mkstemp=mkstemp))
+    monkeypatch.setattr(atomic, "os", _Proxy(os, fdopen=fdopen, replace=replace_))
     return state
 
 
@@ -288,7 +290,7 @@ def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
     run, images = _tiny_encoder_run(tmp_path / "run"), _images(tmp_path / "images", 44)
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     # Slowed between each shard's .npy and its manifest part, the window where a kill hurts most.
-    patch = ("import privenc.checkpoint as c\nw = c.atomic_write_text\n"
+    patch = ("import privenc.atomic as c\nw = c.atomic_write_text\n"
              "c.atomic_write_text = lambda *a: (time.sleep(0.08), w(*a))[1]")
     args = ["--encoder", str(run), "--input", str(images), "--shard-size", "4", "--batch-size", "3",
             "--device", "cpu", "--no-progress"]

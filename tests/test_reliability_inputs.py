@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY
+from PIL import Image
+from test_reliability import finished_run  # noqa: F401  (a session fixture: one training for both files)
+
 from privenc import checkpoint as ckpt
 from privenc.cli import main
 from privenc.config import load_config
 from privenc.models import Encoder
-from test_reliability import finished_run  # noqa: F401  (a session fixture: one training for both files)
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -515,7 +515,7 @@ def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_r
     from privenc import deploy
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
-    real, writes = deploy.ckpt.atomic_write_bytes, []
+    real, writes = deploy.atomic_write_bytes, []
 
     def killed(path, data):  # the first of export's two files is written, then the process dies
         writes.append(path)
@@ -523,10 +523,10 @@ def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_r
             raise KeyboardInterrupt
         real(path, data)
 
-    monkeypatch.setattr(deploy.ckpt, "atomic_write_bytes", killed)
+    monkeypatch.setattr(deploy, "atomic_write_bytes", killed)
     with pytest.raises(KeyboardInterrupt):
         deploy.export(run, "torchscript")
-    monkeypatch.setattr(deploy.ckpt, "atomic_write_bytes", real)
+    monkeypatch.setattr(deploy, "atomic_write_bytes", real)
     assert main(["-q", "export", "--encoder", str(run), "--format", "torchscript"]) == 0
     assert (run / "encoder.torchscript.pt").is_file()
 

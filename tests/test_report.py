@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from privenc.config import load_config, write_run_config
-from privenc.report import build_report
-from privenc.train import read_metrics, train
-
 from conftest import TINY
+
+from privenc.config import load_config
+from privenc.report import build_report
+from privenc.runs import read_metrics, write_config
+from privenc.train import train
 
 TWO_PRIVATE = 'train.private=["g1c0", "g1c2"]'
 
@@ -22,7 +22,7 @@ TWO_PRIVATE = 'train.private=["g1c0", "g1c2"]'
 def _run(folder: Path, overrides: list[str], private_accs: list[list[float]]) -> Path:
     """A finished run folder: its config and a metrics log of len(private_accs[0]) evaluations."""
     folder.mkdir(parents=True)
-    write_run_config(load_config("demo", TINY + overrides), folder)
+    write_config(load_config("demo", TINY + overrides), folder)
     lines = []
     for step, accs in enumerate(zip(*private_accs), 1):
         line = {"step": step, **{f"val_private{k}_acc": acc for k, acc in enumerate(accs)},

@@ -9,8 +9,10 @@ from torch import nn
 from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config
+from privenc.errors import TrainingError
 from privenc.models import Classifier, Encoder
-from privenc.train import TrainingError, desirable_target, encoder_lr, load_encoder, train
+from privenc.runs import load_encoder
+from privenc.train import desirable_target, encoder_lr, train
 
 
 def _players(config):
@@ -123,8 +125,9 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkey
 
 def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
-    import privenc.train as train_module
     from dataclasses import replace
+
+    import privenc.train as train_module
 
     calls = {"classifier": 0, "encoder": 0}
 

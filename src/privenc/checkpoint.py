@@ -7,10 +7,9 @@ so a file carrying a pickled object is refused, never executed.
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,74 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from privenc.atomic import atomic_write_bytes
+from privenc.errors import CheckpointError
+
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, truncated, unsafe or of another architecture."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash at any point leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise _naming(err, f"cannot write {path}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # disk full, quota, I/O error: say which file, and what is left
-            raise _naming(err, f"cannot write {path}", f"; the previous {path.name}, if any, is unchanged") from None
-        raise
-
-
-def ensure_writable(folder: Path) -> None:
-    """Create ``folder`` and write and remove a probe file in it, so that a command whose
-    results are written at the end (verification, a training run) fails before its work
-    starts rather than after hours of it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".privenc-write-probe.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise _naming(err, f"the output folder {folder} is not writable") from None
-
-
-def refuse_run_folder(folder: Path, command: str) -> None:
-    """Results of ``command`` (verify, grid, report) written into a training run folder would be
-    read back as part of that run; refuse such an output folder with a clear message."""
-    folder = Path(folder)
-    if (folder / "config.toml").is_file() and (folder / "checkpoints").is_dir():
-        from privenc.config import ConfigError
-
-        raise ConfigError(f"{folder} is a training run folder; give {command} an output folder of its own (--out)")
-
-
-def _naming(err: OSError, what: str, tail: str = "") -> OSError:
-    """The same kind of OSError (same errno, so ``except PermissionError`` still works), with a
-    message that names the file: a bare "[Errno 28] No space left on device" names nothing."""
-    message = f"{what}: {err.strerror or err}{tail}"
-    return OSError(err.errno, message) if err.errno is not None else OSError(message)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
     """Save a checkpoint dict atomically (``format_version`` is added)."""
-    import io
-
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
     atomic_write_bytes(path, buffer.getvalue())

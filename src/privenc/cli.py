@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def _with_source(config, source: str):
     elif path.is_dir():
         data.source, data.root = "folder", str(path)
     else:
-        from privenc.data.base import DataError
+        from privenc.errors import DataError
 
         raise DataError(f"source {source!r} is not 'synthetic', a CSV file or an existing folder")
     validate(config)
@@ -78,9 +77,9 @@ def _with_source(config, source: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from privenc import checkpoint as ckpt
-    from privenc.config import ConfigError, config_diff, load_config
-    from privenc.train import CHECKPOINT_FILE, train
+    from privenc import distributed, runs
+    from privenc.errors import ConfigError
+    from privenc.train import train
 
     if args.device:
         args.overrides.append(f"train.device={args.device}")
@@ -90,57 +89,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"(change values with --set and --allow-config-change)")
     if args.allow_config_change and not args.resume:
         raise ConfigError("--allow-config-change only applies with --resume")
+    world = distributed.launched()
     if args.resume:
         run_dir = Path(args.resume)
-        saved = run_dir / "config.toml"
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: {saved} does not exist (is {run_dir} a training run folder?)")
-        checkpoint = run_dir / CHECKPOINT_FILE
-        if not checkpoint.is_file():
-            raise ConfigError(f"cannot resume {run_dir}: it has no checkpoint yet ({checkpoint}; stopped before "
-                              f"the first one); start it again with --out {run_dir}")
-        config = load_config(str(saved), args.overrides)
-        # Compare with what the checkpoint was trained with, not only with config.toml: an edited
-        # config.toml would otherwise change the run silently.
-        # The device is where the run continues, not what it computes: a run may move between machines.
-        state = ckpt.load(checkpoint)
-        diff = config_diff(state["config"], config.to_dict(), ignore=("train.device",))
-        # Verification settings do not change what training computes: accepted, and recorded.
-        verify_changes = [line for line in diff if line.startswith("verify.")]
-        diff = [line for line in diff if not line.startswith("verify.")]
-        end = config.train.warmup_iters + config.train.iters
-        if state["step"] > end:
-            raise ConfigError(f"cannot resume {run_dir} to end at step {end}: its checkpoint is at step "
-                              f"{state['step']} already (a run cannot be shortened; train a new one)")
-        if diff and not args.allow_config_change:
-            raise ConfigError(f"refusing to resume with a changed config (pass --allow-config-change to accept; "
-                              f"the checkpoint {checkpoint} was trained with the left-hand values):\n  "
-                              + "\n  ".join(diff))
-        if diff:
-            log.warning("resuming %s with a changed config:\n  %s", run_dir, "\n  ".join(diff))
-        if verify_changes:
-            log.info("verification settings of %s changed:\n  %s", run_dir, "\n  ".join(verify_changes))
-        if diff or verify_changes:
-            ckpt.atomic_write_text(saved, config.to_toml())
+        config = runs.resume_config(run_dir, args.overrides, args.allow_config_change)
         path = train(config, run_dir, resume=True, progress=not args.no_progress)
     else:
         if not args.out:
             raise ConfigError("privenc train needs --out RUN (a new run folder) or --resume RUN")
         run_dir = Path(args.out)
-        if (run_dir / CHECKPOINT_FILE).exists():
-            raise ConfigError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
-        # What train() itself creates first (checkpoints/, temporary files) marks a run stopped
-        # before its config was written; anything else is somebody's files. Rank 0 alone checks:
-        # under torchrun the other ranks may look while rank 0 is creating the run.
-        foreign = [p.name for p in run_dir.iterdir() if p.name != "checkpoints" and not p.name.startswith(".")] \
-            if run_dir.is_dir() else []
-        if foreign and not (run_dir / "config.toml").is_file() and int(os.environ.get("RANK", "0")) == 0:
-            raise ConfigError(f"{run_dir} is not empty and not a training run folder (it holds {foreign[0]!r}); "
-                              f"give a new or empty --out")
+        runs.check_new_run_folder(run_dir, world.rank)
         args.config = args.config or "demo"
         config = _config_from_args(args)
         path = train(config, run_dir, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if world.is_main:
         print(f"encoder: {path}")
     return 0
 
@@ -151,29 +113,30 @@ def _verification_config(args: argparse.Namespace, encoders: list[str]):
     grid see the same images), else the demo preset. ``--set`` applies on top; a trained encoder
     brings its own data, encoder and classifier config, so the --set values outside verify.* that
     it replaces are named in a warning (in a grid they still reach the baselines)."""
-    from privenc.config import config_diff, load_config
+    from privenc.config import config_diff
+    from privenc.runs import CONFIG_FILE, read_config
     from privenc.verify import BASELINES, run_folder_of
 
-    runs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
+    run_dirs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
     verify_sets = [item for item in args.overrides if item.strip().startswith("verify.")]
     ignored = [item for item in args.overrides if item not in verify_sets]
-    if runs and ignored:
+    if run_dirs and ignored:
         baselines = [e for e in encoders if e in BASELINES]
         log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
                     "(%s): %s; only verify.* settings apply to them%s",
-                    ", ".join(str(run / "config.toml") for run in runs), ", ".join(ignored),
+                    ", ".join(str(run / CONFIG_FILE) for run in run_dirs), ", ".join(ignored),
                     f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
                     if baselines else "")
     if args.config is not None:
         return _config_from_args(args)
-    if not runs:
+    if not run_dirs:
         args.config = "demo"
         return _config_from_args(args)
-    args.config = str(runs[0] / "config.toml")
+    args.config = str(run_dirs[0] / CONFIG_FILE)
     config = _config_from_args(args)
     log.info("verification settings from %s (no --config given)", args.config)
-    for other in runs[1:]:
-        theirs = load_config(str(other / "config.toml"), verify_sets)
+    for other in run_dirs[1:]:
+        theirs = read_config(other, verify_sets)
         diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": config.to_dict()["verify"]})
         if diff:
             log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
@@ -194,16 +157,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _default_tasks(encoder: str, config) -> list[str]:
     """A run's own private and desirable tasks; for a baseline or an encoder file alone, the config's."""
-    from privenc.config import load_config
+    from privenc.runs import read_config
     from privenc.verify import run_folder_of
 
     run = run_folder_of(encoder)
-    source = load_config(str(run / "config.toml")) if run is not None else config
+    source = read_config(run) if run is not None else config
     return [*source.train.private, *source.train.desirable]
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from privenc.config import ConfigError
+    from privenc.errors import ConfigError
     from privenc.grid import run_grid
     from privenc.verify import summarize
 
@@ -362,11 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     from privenc.runtime import tune_process
 
     tune_process()
-    from privenc.checkpoint import CheckpointError
-    from privenc.config import ConfigError
-    from privenc.data.base import DataError
-    from privenc.train import TrainingError
-    from privenc.verify import VerificationError
+    from privenc.errors import PrivencError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -380,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     # OSError: a missing file, a full disk, an unwritable folder (the writers name the file)
-    except (ConfigError, DataError, CheckpointError, TrainingError, VerificationError, OSError) as err:
+    except (PrivencError, OSError) as err:
         print(f"privenc: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,14 +18,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from privenc.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
 
 
 # The paper's two groups of ten Places-365 categories (Sec. 4.1 and ../shared/paper/NOTES.md).
@@ -431,36 +428,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def git_revision() -> str | None:
-    """The git revision of the privenc source tree, when it is a checkout; None otherwise."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    rev = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=5)
-    return rev + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-
-
-def write_run_config(config: Config, run_dir: Path) -> None:
-    """Record the resolved config (config.toml) and provenance (meta.json) in a run folder
-    (atomically: a crash mid-write must not leave a half config that a resume would read)."""
-    from privenc.checkpoint import atomic_write_text  # imports torch: not at module level
-
-    atomic_write_text(run_dir / "config.toml", config.to_toml())
-    from privenc import __version__
-
-    meta = {"privenc": __version__, "git_revision": git_revision(), "python": sys.version.split()[0]}
-    try:
-        import torch
-
-        meta["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from privenc.config import Config, ConfigError, config_diff, from_dict, load_config
+from privenc.config import Config, from_dict, load_config
+from privenc.errors import ConfigError
 from privenc.grid import run_grid
 from privenc.report import build_report
+from privenc.runs import METRICS_FILE, config_changes, has_checkpoint, is_finished, is_run, read_config
 from privenc.train import train
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
         runs.append(str(run_dir))
         variant = replace(config, train=replace(config.train, encoder_loss=loss))
         _check_same_run_config(run_dir, variant)
-        if (run_dir / "encoder.pt").exists():
+        if is_finished(run_dir):
             log.info("demo: %s already trained, reusing it", run_dir)
         else:
             todo.append((variant, run_dir))
@@ -61,7 +63,7 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
                 log.info("demo: trained %s", future.result())
     else:
         for variant, run_dir in todo:
-            train(variant, run_dir, resume=(run_dir / "checkpoints" / "last.pt").exists(), progress=progress)
+            train(variant, run_dir, resume=has_checkpoint(run_dir), progress=progress)
     tasks = [*config.train.private[:1], *config.train.desirable[:1]]
     tasks.append(other_task or _other_task(config, tasks))
     log.info("demo: verifying %d encoders on %s", len(runs) + 2, ", ".join(tasks))
@@ -73,15 +75,9 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
 
 def _check_same_run_config(run_dir: Path, config: Config) -> None:
     """A rerun reuses finished trainings only if they were trained with this config."""
-    saved = run_dir / "config.toml"
-    if not saved.is_file():
+    if not is_run(run_dir):
         return
-
-    def training_part(c: Config) -> dict:  # verification settings and where it ran do not change an encoder
-        return {section: values for section, values in c.to_dict().items() if section != "verify"}
-
-    diff = config_diff(training_part(load_config(str(saved))), training_part(config),
-                       ignore=("train.device", "data.num_workers"))
+    diff = config_changes(read_config(run_dir).to_dict(), config.to_dict(), "reuse")
     if diff:
         raise ConfigError(f"{run_dir} was trained with another config than this demo asks for; use a new --out, "
                           f"or delete {run_dir.parent.parent} to start again:\n  " + "\n  ".join(diff))
@@ -96,7 +92,7 @@ def _follow(run_dirs: list[Path], futures: list, steps_each: int, progress: bool
         done = 0
         for run_dir in run_dirs:
             try:
-                lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+                lines = (run_dir / METRICS_FILE).read_text().splitlines()
                 done += json.loads(lines[-1])["step"] if lines else 0
             except (OSError, ValueError, KeyError):
                 pass  # not started yet, or a line being written: the next poll reads it
@@ -110,7 +106,7 @@ def _train_one(config_dict: dict, run_dir: str, threads: int) -> str:
     keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
     torch.set_num_threads(threads)
     path = Path(run_dir)
-    train(from_dict(config_dict), path, resume=(path / "checkpoints" / "last.pt").exists(), progress=False)
+    train(from_dict(config_dict), path, resume=has_checkpoint(path), progress=False)
     return run_dir
 
 

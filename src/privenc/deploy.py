@@ -45,14 +45,16 @@ from tqdm.auto import tqdm
 
 from privenc import __version__
 from privenc import checkpoint as ckpt
-from privenc.config import ConfigError, DataConfig, EncoderConfig, build_section, load_config
-from privenc.data.base import DataError
+from privenc.atomic import atomic_write_bytes, atomic_write_text
+from privenc.config import DataConfig, EncoderConfig, build_section
 from privenc.data.images import IMAGE_EXTENSIONS, read_image, resize_square
 from privenc.data.manifest import PATH_COLUMN, read_csv, relative_path
 from privenc.data.transforms import eval_transform
+from privenc.distributed import resolve_device
+from privenc.errors import CheckpointError, ConfigError, DataError, ExportError
 from privenc.models import Encoder
 from privenc.report import equalize
-from privenc.train import ENCODER_FILE, load_encoder, resolve_device
+from privenc.runs import CONFIG_FILE, ENCODER_FILE, read_config, read_encoder
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,6 @@ EXPORT_TOLERANCE = 1e-4
 """Largest absolute difference allowed between an export and the PyTorch encoder."""
 CONTRACT_KEY = "privenc_contract"
 """safetensors metadata key holding the contract (metadata values must be strings)."""
-
-
-class ExportError(RuntimeError):
-    """An exported encoder that does not reproduce the PyTorch encoder."""
 
 
 # --------------------------------------------------------------------------- loading an encoder
@@ -109,24 +107,24 @@ def open_encoder(path: Path | str, device: str | torch.device = "cpu") -> Deploy
                           contract["encoder_config"], contract.get("step"))
     run_dir, file = (path, path / ENCODER_FILE) if path.is_dir() else (path.parent, path)
     try:
-        encoder = load_encoder(file, device)
+        loaded = read_encoder(file, device)
     except (KeyError, TypeError, ValueError) as err:  # ValueError includes ConfigError
-        raise ckpt.CheckpointError(f"{file}: not a usable encoder file ({type(err).__name__}: {err})") from None
-    payload = ckpt.load(file)  # load_encoder keeps its metadata to itself; an encoder file is small
-    config_path = run_dir / "config.toml"
+        raise CheckpointError(f"{file}: not a usable encoder file ({type(err).__name__}: {err})") from None
+    encoder = loaded.module
+    config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"{file}: no config.toml beside it; the run's config gives the input contract "
             f"(data.load_size). Pass the run folder, or export to .safetensors and use that"
         )
-    config = load_config(str(config_path))
-    if config.data.image_size != encoder.image_size or config.to_dict()["encoder"] != payload["encoder_config"]:
-        raise ckpt.CheckpointError(
-            f"{file} does not match {config_path}: encoder config {payload['encoder_config']} at "
+    config = read_config(run_dir)
+    if config.data.image_size != encoder.image_size or config.to_dict()["encoder"] != loaded.encoder_config:
+        raise CheckpointError(
+            f"{file} does not match {config_path}: encoder config {loaded.encoder_config} at "
             f"{encoder.image_size}px vs {config.to_dict()['encoder']} at {config.data.image_size}px"
         )
-    return Deployable(encoder, config.data.load_size, file, file_sha256(file),
-                      payload["encoder_config"], int(payload.get("step", 0)))
+    return Deployable(encoder, config.data.load_size, file, file_sha256(file), loaded.encoder_config,
+                      loaded.step or 0)
 
 
 def load_safetensors(path: Path | str, device: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
@@ -136,21 +134,21 @@ def load_safetensors(path: Path | str, device: str | torch.device = "cpu") -> tu
 
     path = Path(path)
     if not path.is_file():
-        raise ckpt.CheckpointError(f"encoder file {path} does not exist")
+        raise CheckpointError(f"encoder file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ckpt.CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     if CONTRACT_KEY not in metadata:
-        raise ckpt.CheckpointError(f"{path}: no {CONTRACT_KEY!r} metadata; not exported by privenc")
+        raise CheckpointError(f"{path}: no {CONTRACT_KEY!r} metadata; not exported by privenc")
     try:
         contract = json.loads(metadata[CONTRACT_KEY])
         encoder_cfg = build_section("encoder", EncoderConfig, contract["encoder_config"])
         encoder = Encoder(encoder_cfg, int(contract["input"]["image_size"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise ckpt.CheckpointError(f"{path}: unusable contract metadata ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: unusable contract metadata ({type(err).__name__}: {err})") from None
     ckpt.load_state(encoder, state, f"{path}: encoder")
     return encoder.to(device).eval(), contract
 
@@ -335,7 +333,7 @@ def encode(
 
     # ---- the manifest, once every shard is done; then previews and the summary
     lines = [record for part in parts for record in part]
-    ckpt.atomic_write_text(out_dir / MANIFEST_FILE, "".join(json.dumps(r) + "\n" for r in lines))
+    atomic_write_text(out_dir / MANIFEST_FILE, "".join(json.dumps(r) + "\n" for r in lines))
     preview_paths = _write_previews(out_dir, previews) if previews else []
     errors = [r for r in lines if r["status"] == "error"]
     if errors:
@@ -378,7 +376,7 @@ def _claim_output(out_dir: Path, record: dict[str, Any]) -> None:
     # (a temporary file left by a run killed while it wrote encode.json is not a result)
     if out_dir.exists() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out_dir.iterdir()):
         raise ConfigError(f"refusing to encode into {out_dir}: it is not empty and has no {ENCODE_FILE}")
-    ckpt.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _shard_name(k: int) -> str:
@@ -437,8 +435,8 @@ def _write_shard(out_dir: Path, k: int, encodings: np.ndarray, records: list[dic
     """The .npy first, then the manifest part: the part's existence marks the shard done."""
     buffer = io.BytesIO()
     np.save(buffer, encodings)
-    ckpt.atomic_write_bytes(out_dir / f"{_shard_name(k)}.npy", buffer.getvalue())
-    ckpt.atomic_write_text(out_dir / f"{_shard_name(k)}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_bytes(out_dir / f"{_shard_name(k)}.npy", buffer.getvalue())
+    atomic_write_text(out_dir / f"{_shard_name(k)}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _write_previews(out_dir: Path, count: int) -> list[Path]:
@@ -451,7 +449,7 @@ def _write_previews(out_dir: Path, count: int) -> list[Path]:
     paths = []
     for i, encoding in enumerate(shown):
         path = out_dir / PREVIEW_DIR / f"preview-{i:05d}.png"
-        ckpt.atomic_write_bytes(path, _png(encoding))
+        atomic_write_bytes(path, _png(encoding))
         paths.append(path)
     return paths
 
@@ -504,8 +502,8 @@ def export(encoder_path: Path | str, fmt: str, out_path: Path | str | None = Non
     contract["check"] = _check_export(data, fmt, model)
     # Contract first: an export killed between the two writes leaves a file a rerun may replace
     # (a contract beside it), never a contract-less file that the rerun would refuse to touch.
-    ckpt.atomic_write_text(contract_path(out), json.dumps(contract, indent=2) + "\n")
-    ckpt.atomic_write_bytes(out, data)
+    atomic_write_text(contract_path(out), json.dumps(contract, indent=2) + "\n")
+    atomic_write_bytes(out, data)
     log.info("exported %s to %s (contract %s)", model.path, out, contract_path(out))
     return out
 

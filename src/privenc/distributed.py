@@ -1,9 +1,10 @@
-"""Data-parallel training with PyTorch's own distributed engine (torchrun).
+"""Where this process runs: its device, and its place among torchrun's ranks.
 
 ``torchrun --nproc_per_node N -m privenc train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE;
 :func:`setup` then joins the process group (NCCL on GPUs, gloo on CPUs). Every rank takes its
 share of each global batch; per-location batch norm all-reduces its statistics (models.py), so
-the global batch is normalized as one process would normalize it; only rank 0 writes.
+the global batch is normalized as one process would normalize it; only rank 0 writes. Every
+module that asks which rank it is or which device to use asks here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from privenc.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,39 @@ class World:
         return self.size > 1
 
 
+def launched() -> World:
+    """This process's place as torchrun's environment gives it (a world of one without torchrun),
+    without joining any process group."""
+    return World(int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1"))),
+                 int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; under torchrun, this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto (CUDA when present, else the CPU), cpu, cuda "
+                          f"or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 def setup(device: str) -> World:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a world of one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    world = launched()
+    if not world.distributed:
         return World()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, size = world.rank, world.local_rank, world.size
     use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
     if not dist.is_initialized():
         if use_cuda:

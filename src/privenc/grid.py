@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
-from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
-from privenc.config import Config, ConfigError, config_diff, from_dict
+from privenc import distributed
+from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.config import Config, from_dict
+from privenc.errors import ConfigError
+from privenc.runs import config_changes, refuse_run_folder
 from privenc.verify import check_tasks, encoder_name, load_encoder_spec, verify
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,10 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     check_cells(encoders, tasks, config)  # before any cell runs: a typo must not cost hours first
     refuse_run_folder(out_dir, "grid")
     ensure_writable(out_dir)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if "LOCAL_RANK" in os.environ:  # under torchrun: each rank on its own GPU, as in training
-        from privenc.train import resolve_device
-
-        device = str(resolve_device(device, int(os.environ["LOCAL_RANK"])))
+    launched = distributed.launched()
+    rank, world = launched.rank, launched.size
+    if distributed.under_torchrun():  # each rank on its own GPU, as in training
+        device = str(distributed.resolve_device(device, launched.local_rank))
     cells = [(spec, task) for spec in encoders for task in tasks]
     config_dict = config.to_dict()
     _check_same_config(out_dir / "grid.json", config_dict)
@@ -110,8 +112,7 @@ def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = None  # grid.json is rewritten below; the cells are what matter
     new = json.loads(json.dumps(config_dict))  # as it would read back
-    # verify.tasks only chooses the tasks when --tasks is not given; a cell's task is its own
-    diff = config_diff(old, new, ignore=("verify.tasks",)) if old is not None else []
+    diff = config_changes(old, new, "grid") if old is not None else []
     if not diff:
         return
     raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "

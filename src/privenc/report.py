@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from privenc.checkpoint import atomic_write_bytes, atomic_write_text, ensure_writable, refuse_run_folder
-from privenc.config import load_config
+from privenc.atomic import atomic_write_bytes, atomic_write_text, ensure_writable
+from privenc.runs import METRICS_FILE, load_encoder, read_config, read_metrics, refuse_run_folder
 from privenc.verify import strongest
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def read_folders(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
-        for metrics in sorted(root.rglob("metrics.jsonl")):
+        for metrics in sorted(root.rglob(METRICS_FILE)):
             run_dir = metrics.parent
             if run_dir not in seen:
                 seen.add(run_dir)
@@ -49,10 +49,8 @@ def read_folders(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
-    from privenc.train import read_metrics
-
-    config = load_config(str(run_dir / "config.toml"))
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    config = read_config(run_dir)
+    metrics = read_metrics(run_dir)
     last = metrics[-1] if metrics else {}
     # Within-training accuracy: mean of the last quarter of the logged validation accuracies,
     # which smooths the oscillation of the two-player game.
@@ -309,7 +307,6 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
 
     from privenc.data import prepare
     from privenc.models import build_encoder
-    from privenc.train import load_encoder
 
     if not runs:
         return None

@@ -1,17 +1,9 @@
 """Adversarial training of an encoder (Sec. 3 and 4.1 of the paper), read top to bottom:
 config and data, models, optimizers, resume, then one loop whose phases are labelled.
-
-Run folder layout (everything later commands need):
-    config.toml, meta.json       the resolved config and provenance
-    splits/, tasks.json          the data split and tasks (written by the data layer)
-    metrics.jsonl                one JSON object per logged step
-    checkpoints/last.pt          the latest full training state (resume from it)
-    encoder.pt                   the final encoder, loadable on its own (verify, encode, export)
-"""
+What the run folder holds, and how it is read back, is :mod:`privenc.runs`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,42 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc import checkpoint as ckpt
-from privenc import distributed
+from privenc import distributed, runs
 from privenc.adversarial import ACCURACY_SUFFIX, Players, classifier_step, encoder_step, evaluate
-from privenc.config import Config, write_run_config
+from privenc.atomic import ensure_writable
+from privenc.config import Config
 from privenc.data import TaskData, prepare
-from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
+from privenc.data.transforms import BatchTransform
+from privenc.errors import TrainingError
 from privenc.models import Classifier, Encoder
 from privenc.stream import BatchStream
 
 log = logging.getLogger(__name__)
-
-ENCODER_FILE = "encoder.pt"
-CHECKPOINT_FILE = "checkpoints/last.pt"
-METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, an unusable run folder)."""
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; under torchrun, this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        from privenc.config import ConfigError
-
-        raise ConfigError(f"unknown device {name!r}; use auto (CUDA when present, else the CPU), cpu, cuda "
-                          f"or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -106,11 +74,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     t = config.train
     run_dir = Path(run_dir)
     world = distributed.setup(t.device)
-    device = resolve_device(t.device, world.local_rank if world.distributed else None)
+    device = distributed.resolve_device(t.device, world.local_rank if world.distributed else None)
     if world.is_main:
-        ckpt.ensure_writable(run_dir / "checkpoints")  # fail now, not at the first checkpoint
+        ensure_writable(run_dir / "checkpoints")  # fail now, not at the first checkpoint
     if world.is_main and not resume:
-        write_run_config(config, run_dir)
+        runs.write_config(config, run_dir)
 
     # ---- data: one pool per split, labels = one column per task (private first). Rank 0
     # prepares first (it may build the image cache), the other ranks then read what it wrote.
@@ -149,19 +117,19 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     encoder_opt = torch.optim.Adam(players.encoder.parameters(), lr=t.encoder_lr, betas=tuple(t.betas))
 
     step = 0
-    checkpoint_path = run_dir / CHECKPOINT_FILE
+    checkpoint_path = run_dir / runs.CHECKPOINT_FILE
     total = t.warmup_iters + t.iters
-    encoder_path = run_dir / ENCODER_FILE
+    encoder_path = run_dir / runs.ENCODER_FILE
     sums: dict[str, float] = {}  # running sums of the logged values since the last log
     counts: dict[str, int] = {}  # and how many steps each sums (a step may lack a known label)
     if resume:
         step, sums, counts = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
         if world.is_main:
-            _truncate_metrics(run_dir / METRICS_FILE, step)
+            runs.truncate_metrics(run_dir / runs.METRICS_FILE, step)
             # A process killed while writing a checkpoint leaves its temporary file behind.
             for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-        if step >= total and _encoder_written_at(encoder_path, step):
+        if step >= total and runs.encoder_written_at(encoder_path, step):
             log.info("%s is already complete (step %d of %d); nothing to do", run_dir, step, total)
             distributed.barrier(world)
             return encoder_path
@@ -226,7 +194,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             record.update({k: v / counts[k] for k, v in sums.items()})
             record.update(evaluate(players, [to_device(b, None) for b in val_batches]))
             record["elapsed_s"] = round(time.time() - started, 3)
-            _append_metrics(run_dir / METRICS_FILE, record)
+            runs.append_metrics(run_dir / runs.METRICS_FILE, record)
             validation = {k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")}
             bar.set_postfix(validation)
             if bar.disable:  # no bar (--no-progress, a batch job): one log line per log step instead
@@ -241,7 +209,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     bar.close()
 
     if world.is_main:
-        save_encoder(encoder_path, config, players.encoder, step)
+        runs.save_encoder(encoder_path, config, players.encoder, step)
         log.info("encoder saved to %s", encoder_path)
     distributed.barrier(world)
     return encoder_path
@@ -307,37 +275,6 @@ def _validation_batches(data: TaskData, batch_size: int, count: int, seed: int =
     return list(loader)
 
 
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    try:
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    except OSError as err:
-        raise OSError(err.errno, f"cannot append to {path}: {err.strerror or err}") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics log. A last line cut short (the process was killed or the disk
-    filled during an append) is dropped with a warning; a bad line before it is an error."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise TrainingError(f"{path}:{number}: not a JSON record; the metrics log is corrupt") from None
-            log.warning("%s: dropping its last line, cut short by an interruption: %r", path, line[:80])
-    return records
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from, so none appears twice."""
-    if not path.exists():
-        return
-    kept = [record for record in read_metrics(path) if record["step"] <= step]
-    ckpt.atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
 def logged_values(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """A step's statistics as floats, less the accuracies that are NaN because no image of the
     batch had a known label for that task (not an error: the step just says nothing of it)."""
@@ -380,15 +317,6 @@ def _checkpoint_step(path: Path) -> int:
     return int(ckpt.load(path)["step"])
 
 
-def _encoder_written_at(path: Path, step: int) -> bool:
-    """Whether ``path`` is a readable final encoder of ``step`` (a run killed after its last
-    checkpoint but before its encoder file was written still has to write it)."""
-    try:
-        return path.is_file() and int(ckpt.load(path).get("step", -1)) == step
-    except ckpt.CheckpointError:
-        return False
-
-
 def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
              encoder_opt: torch.optim.Optimizer, stream: BatchStream,
              world: distributed.World) -> tuple[int, dict[str, float], dict[str, int]]:
@@ -412,47 +340,3 @@ def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer
     # checkpoints of earlier versions kept one count for every value
     counts = running.get("counts", {k: int(running.get("count", 0)) for k in sums})
     return int(payload["step"]), sums, dict(counts)
-
-
-# --------------------------------------------------------------------------- the final encoder
-
-
-def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int) -> None:
-    """The encoder alone, with what is needed to rebuild it (its config and input size)."""
-    ckpt.save(path, {
-        "kind": "learned",
-        "step": step,
-        "encoder_config": config.to_dict()["encoder"],
-        "image_size": config.data.image_size,
-        "output_shape": list(encoder.output_shape),
-        # Standard (contiguous) layout whatever train.channels_last was: the file is what
-        # encode / export / other tools load.
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-    })
-
-
-def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load a trained encoder (strictly) from a run folder or an encoder file, in eval mode.
-    Every way a file can be wrong becomes a CheckpointError that names it."""
-    from privenc.config import ConfigError, EncoderConfig, build_section
-
-    path = Path(run_or_file)
-    if path.is_dir():
-        path = path / ENCODER_FILE
-    payload = ckpt.load(path, map_location=device)
-    if payload.get("kind") != "learned":
-        raise ckpt.CheckpointError(f"{path}: not an encoder file (kind={payload.get('kind')!r})")
-    try:
-        encoder_cfg = build_section("encoder", EncoderConfig, payload["encoder_config"])
-        encoder = Encoder(encoder_cfg, int(payload["image_size"]))
-    except KeyError as err:
-        raise ckpt.CheckpointError(f"{path}: encoder file without {err}") from None
-    except (ConfigError, ValueError, TypeError) as err:
-        raise ckpt.CheckpointError(f"{path}: the encoder it describes cannot be built: {err}") from None
-    ckpt.load_state(encoder, payload["state_dict"], f"{path}: encoder")
-    bad = [key for key, value in payload["state_dict"].items()
-           if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise ckpt.CheckpointError(f"{path}: the encoder holds non-finite values (NaN or Inf) in "
-                                   f"{', '.join(bad[:5])}; its encodings would be meaningless")
-    return encoder.to(device).eval()

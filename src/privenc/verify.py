@@ -27,19 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from privenc.checkpoint import atomic_write_text, ensure_writable, refuse_run_folder
-from privenc.config import Config, ConfigError, DataConfig, VerifyConfig, load_config
+from privenc import distributed, runs
+from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.config import Config, DataConfig, VerifyConfig
 from privenc.data import TaskData, open_source, parse_task, prepare
 from privenc.data.transforms import BatchTransform
+from privenc.errors import ConfigError, VerificationError
 from privenc.models import Classifier, build_attacker, build_encoder
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("identity", "blur")
-
-
-class VerificationError(RuntimeError):
-    """Verification cannot give a meaningful number (non-finite encodings or attacker loss)."""
 
 
 # --------------------------------------------------------------------------- saturation
@@ -88,15 +86,13 @@ class LoadedEncoder:
 def learned_encoder_path(spec: str) -> Path:
     """The path of a learned encoder given to ``verify`` or ``grid`` (a training run folder or
     its ``encoder.pt``); anything else is a ConfigError that says what was expected."""
-    from privenc.train import ENCODER_FILE
-
     path = Path(spec)
     expected = "give a training run folder, its encoder.pt, 'identity' or 'blur'"
     if not path.exists():
         raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
-    if path.is_dir() and not (path / ENCODER_FILE).is_file():
-        what = "an unfinished training run" if (path / "config.toml").is_file() else "not a training run folder"
-        raise ConfigError(f"encoder {spec!r} is {what} (no {ENCODER_FILE} inside); {expected}")
+    if path.is_dir() and not runs.is_finished(path):
+        what = "an unfinished training run" if runs.is_run(path) else "not a training run folder"
+        raise ConfigError(f"encoder {spec!r} is {what} (no {runs.ENCODER_FILE} inside); {expected}")
     if path.is_file() and (path.suffix in (".onnx", ".safetensors", ".json") or path.name.endswith(".torchscript.pt")):
         raise ConfigError(f"encoder {spec!r} is an exported file; verification loads the encoder it was exported "
                           f"from: {expected}")
@@ -108,13 +104,11 @@ def run_folder_of(spec: str) -> Path | None:
     the folder holding its config.toml. None for a baseline, any other file (an encoder file
     alone, or copied into another run's folder under another name), or a path that is not there
     (:func:`learned_encoder_path` says what is wrong with it)."""
-    from privenc.train import ENCODER_FILE
-
     if spec in BASELINES:
         return None
     path = Path(spec).resolve()
-    folder = path if path.is_dir() else path.parent if path.name == ENCODER_FILE and path.is_file() else None
-    return folder if folder is not None and (folder / "config.toml").is_file() else None
+    folder = path if path.is_dir() else path.parent if path.name == runs.ENCODER_FILE and path.is_file() else None
+    return folder if folder is not None and runs.is_run(folder) else None
 
 
 def encoder_name(spec: str) -> str:
@@ -141,15 +135,13 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
     if spec in BASELINES:
         module = build_encoder(spec, config.encoder, config.data.image_size)
         return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
-    from privenc.train import load_encoder
-
     path = learned_encoder_path(spec)
-    module = load_encoder(path, device)
+    module = runs.load_encoder(path, device)
     run_dir = run_folder_of(spec)
-    run_config = load_config(str(run_dir / "config.toml")) if run_dir is not None else copy.deepcopy(config)
+    run_config = runs.read_config(run_dir) if run_dir is not None else copy.deepcopy(config)
     run_config.verify = config.verify
     if module.image_size != run_config.data.image_size:
-        where = (f"its run's config ({run_dir / 'config.toml'}) says {run_config.data.image_size}" if run_dir
+        where = (f"its run's config ({run_dir / runs.CONFIG_FILE}) says {run_config.data.image_size}" if run_dir
                  else f"the data config gives {run_config.data.image_size} (data.image_size; an encoder file "
                       f"alone is verified on the --config data: give its run folder, or set data.image_size)")
         raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
@@ -324,11 +316,9 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
 
     Returns one record per task x attacker x seed.
     """
-    from privenc.train import resolve_device
-
-    torch_device = resolve_device(device)
+    torch_device = distributed.resolve_device(device)
     out_dir = Path(out_dir)
-    refuse_run_folder(out_dir, "verify")
+    runs.refuse_run_folder(out_dir, "verify")
     if not overwrite and (out_dir / "verify.json").exists():
         raise ConfigError(f"{out_dir} already holds verification results ({out_dir / 'verify.json'}); use another "
                           f"--out, or delete that file to verify again")

@@ -5,7 +5,7 @@ and :func:`inspect` (the ``privenc data inspect`` report). Sources: Places-365 i
 official layout, a class-per-folder tree, a CSV manifest and the embedded synthetic scenes.
 """
 
-from privenc.data.base import DataError, Source
+from privenc.data.base import Source
 from privenc.data.cache import ImageCache, LazyImages, open_images
 from privenc.data.dataset import ImageDataset, TaskData, open_source, prepare
 from privenc.data.folder import FolderSource
@@ -15,6 +15,7 @@ from privenc.data.splits import make_splits, read_splits, write_splits
 from privenc.data.summary import inspect
 from privenc.data.tasks import Task, combine_tasks, parse_task, select
 from privenc.data.transforms import eval_transform, train_transform
+from privenc.errors import DataError
 
 __all__ = [
     "CsvSource", "DataError", "FolderSource", "ImageCache", "ImageDataset", "LazyImages",

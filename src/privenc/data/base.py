@@ -1,4 +1,4 @@
-"""What every image source provides, and the error type of the data layer."""
+"""What every image source provides."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import numpy as np
-
-
-class DataError(ValueError):
-    """Bad input data, phrased so the user can find it: names the file, line, key or category."""
 
 
 class Source(ABC):

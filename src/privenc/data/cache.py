@@ -33,9 +33,10 @@ import torch.utils.data
 from tqdm import tqdm
 
 from privenc.config import DataConfig
-from privenc.data.base import DataError, Source
+from privenc.data.base import Source
 from privenc.data.files import digest
 from privenc.data.images import resize_square
+from privenc.errors import DataError
 from privenc.runtime import progress_enabled
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +18,9 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from privenc.atomic import atomic_write_text
 from privenc.config import DataConfig
-from privenc.data.base import DataError, Source
+from privenc.data.base import Source
 from privenc.data.cache import ImageStore, open_images
 from privenc.data.folder import FolderSource
 from privenc.data.manifest import CsvSource
@@ -28,6 +28,7 @@ from privenc.data.places365 import Places365Source
 from privenc.data.splits import SPLITS, candidates, make_splits, read_splits, write_splits
 from privenc.data.tasks import Task, parse_task, select
 from privenc.data.transforms import eval_transform, train_transform
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ class TaskData:
         """Record ``splits/*.txt``, ``tasks.json`` and ``bad_images.txt`` in ``run_dir``."""
         run_dir = Path(run_dir)
         write_splits(self.source, self.splits, run_dir)
-        _write_text(run_dir / "tasks.json", json.dumps(self.summary(), indent=2) + "\n")
-        _write_text(run_dir / "bad_images.txt", "".join(f"{i}\n" for i in self.bad_images))
+        atomic_write_text(run_dir / "tasks.json", json.dumps(self.summary(), indent=2) + "\n")
+        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{i}\n" for i in self.bad_images))
 
 
 def prepare(cfg: DataConfig, task_specs: list[str], run_dir: Path | None = None) -> TaskData:
@@ -191,8 +192,3 @@ def prepare(cfg: DataConfig, task_specs: list[str], run_dir: Path | None = None)
     )
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from privenc.data.base import DataError, Source, close_matches
+from privenc.data.base import Source, close_matches
 from privenc.data.images import read_image
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 

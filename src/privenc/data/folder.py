@@ -13,9 +13,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from privenc.data.base import DataError
 from privenc.data.files import FileSource, digest, resolve_groups
 from privenc.data.images import IMAGE_EXTENSIONS
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 
-from privenc.data.base import DataError
 from privenc.data.files import FileSource, digest, file_stamp, missing_files, resolve_groups
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 

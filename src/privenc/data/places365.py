@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from privenc.config import PLACES_GROUPS
-from privenc.data.base import DataError, close_matches
+from privenc.data.base import close_matches
 from privenc.data.files import FileSource, digest, file_stamp, missing_files, resolve_groups
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,15 @@ same seed always gives the same splits.
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from privenc.data.base import DataError, Source
+from privenc.atomic import atomic_write_text
+from privenc.data.base import Source
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,7 @@ def write_splits(source: Source, splits: dict[str, np.ndarray], out_dir: Path) -
         if bad is not None:
             raise DataError(f"image id {bad!r} contains a line break; cannot record it in a split file")
         path = folder / f"{name}.txt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(f"{i}\n" for i in ids))
 
 
 def read_splits(source: Source, out_dir: Path) -> dict[str, np.ndarray]:

@@ -12,10 +12,11 @@ from collections import Counter
 import numpy as np
 
 from privenc.config import DataConfig
-from privenc.data.base import DataError, Source
+from privenc.data.base import Source
 from privenc.data.dataset import open_source
 from privenc.data.splits import SPLITS, make_splits
 from privenc.data.tasks import parse_task, select
+from privenc.errors import DataError
 
 SIZE_SAMPLE = 200
 """Images decoded to report image sizes."""

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privenc.data.base import DataError, Source, close_matches
+from privenc.data.base import Source, close_matches
+from privenc.errors import DataError
 
 GENERATOR_VERSION = 3
 """Bump whenever the pictures change for a given (seed, category, index, size); part of the

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from privenc.data.base import DataError, Source, close_matches
+from privenc.data.base import Source, close_matches
+from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
 
