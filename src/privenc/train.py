@@ -9,6 +9,7 @@ import math
 import random
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,59 @@ def encoder_lr(config: Config, step: int) -> float:
     return t.encoder_lr * t.encoder_lr_decay ** (adversarial // t.encoder_lr_decay_every)
 
 
+@dataclass
+class TrainingState:
+    """Everything a checkpoint saves and a resume restores, but the RNG states (gathered from
+    every rank when a checkpoint is written): the players, both optimizers, the data stream's
+    position, the step, and the running sums of the values to be logged next."""
+    players: Players
+    classifier_opt: torch.optim.Optimizer
+    encoder_opt: torch.optim.Optimizer
+    stream: BatchStream
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # of the logged values since the last log
+    counts: dict[str, int] = field(default_factory=dict)  # steps in each sum (a step may lack a known label)
+
+    def state_dict(self) -> dict[str, Any]:
+        players = self.players
+        return {
+            "step": self.step,
+            "encoder": players.encoder.state_dict(),
+            "private_classifiers": players.private_classifiers.state_dict(),
+            "desirable_classifier": players.desirable_classifier.state_dict() if players.desirable_classifier else {},
+            "classifier_optimizer": self.classifier_opt.state_dict(),
+            "encoder_optimizer": self.encoder_opt.state_dict(),
+            "stream": self.stream.state_dict(),
+            # a checkpoint between two logs: the next record must average the same steps after a resume
+            "running_metrics": {"sums": dict(self.sums), "counts": dict(self.counts)},
+        }
+
+    def load_state_dict(self, payload: dict[str, Any], origin: str = "checkpoint") -> None:
+        players = self.players
+        ckpt.load_state(players.encoder, payload["encoder"], f"{origin}: encoder")
+        ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{origin}: private classifiers")
+        if players.desirable_classifier is not None:
+            ckpt.load_state(players.desirable_classifier, payload["desirable_classifier"],
+                            f"{origin}: desirable classifier")
+        self.classifier_opt.load_state_dict(payload["classifier_optimizer"])
+        self.encoder_opt.load_state_dict(payload["encoder_optimizer"])
+        self.stream.load_state_dict(payload["stream"])
+        self.step = int(payload["step"])
+        running = payload.get("running_metrics", {"sums": {}, "counts": {}})
+        self.sums = dict(running["sums"])
+        # checkpoints of earlier versions kept one count for every value
+        self.counts = dict(running.get("counts", {k: int(running.get("count", 0)) for k in self.sums}))
+
+    def add(self, values: dict[str, float]) -> None:
+        add_to_running_sums(self.sums, self.counts, values)
+
+    def take_means(self) -> dict[str, float]:
+        """The mean of each value since the last log; the sums start again."""
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
     t = config.train
@@ -105,7 +159,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         module.to(device)
         if t.channels_last:
             module.to(memory_format=torch.channels_last)
-    classifier_players, encoder_players = _data_parallel(players, world, device)
+    classifier_side, encoder_side = _data_parallel(players, world, device)
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
@@ -113,103 +167,54 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         return _to_device(batch, device, t.channels_last, n_private, players.desirable_classifier is not None,
                           transform)
 
-    classifier_opt = torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas))
-    encoder_opt = torch.optim.Adam(players.encoder.parameters(), lr=t.encoder_lr, betas=tuple(t.betas))
-
-    step = 0
-    checkpoint_path = run_dir / runs.CHECKPOINT_FILE
+    state = TrainingState(
+        players,
+        torch.optim.Adam(players.classifier_parameters(), lr=t.classifier_lr, betas=tuple(t.betas)),
+        torch.optim.Adam(players.encoder.parameters(), lr=t.encoder_lr, betas=tuple(t.betas)),
+        stream,
+    )
+    checkpoint_path, encoder_path = run_dir / runs.CHECKPOINT_FILE, run_dir / runs.ENCODER_FILE
     total = t.warmup_iters + t.iters
-    encoder_path = run_dir / runs.ENCODER_FILE
-    sums: dict[str, float] = {}  # running sums of the logged values since the last log
-    counts: dict[str, int] = {}  # and how many steps each sums (a step may lack a known label)
     if resume:
-        step, sums, counts = _restore(checkpoint_path, players, classifier_opt, encoder_opt, stream, world)
-        if world.is_main:
-            runs.truncate_metrics(run_dir / runs.METRICS_FILE, step)
-            # A process killed while writing a checkpoint leaves its temporary file behind.
-            for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        if step >= total and runs.encoder_written_at(encoder_path, step):
-            log.info("%s is already complete (step %d of %d); nothing to do", run_dir, step, total)
+        _restore(checkpoint_path, state, world, run_dir)
+        if state.step >= total and runs.encoder_written_at(encoder_path, state.step):
+            log.info("%s is already complete (step %d of %d); nothing to do", run_dir, state.step, total)
             distributed.barrier(world)
             return encoder_path
-        log.info("resumed %s at step %d", run_dir, step)
-        if config.data.num_workers > 0 and world.is_main:
-            log.warning("data.num_workers = %d: the resumed run is not bitwise identical to an uninterrupted "
-                        "one (the loader workers restart with new random streams, so the augmentations after "
-                        "step %d differ); use data.num_workers = 0 where that matters", config.data.num_workers, step)
+        _say_resumed(run_dir, config, state.step, world)
 
-    bar = tqdm(total=total, initial=step, disable=not (progress and world.is_main), desc="train", unit="it",
+    bar = tqdm(total=total, initial=state.step, disable=not (progress and world.is_main), desc="train", unit="it",
                dynamic_ncols=True)
     started = time.time()
-    while step < total:
-        images, private_labels, desirable_labels = to_device(next(stream))
+    while state.step < total:
+        adversarial = state.step >= t.warmup_iters
 
-        # (1) classifiers: cross-entropy on true labels, encoder fixed (warm-up: this step only);
-        # classifier_steps of them, each on its own batch, before each encoder step
-        stats = classifier_step(classifier_players, classifier_opt, images, private_labels, desirable_labels, t.amp)
-        for _ in range(t.classifier_steps - 1 if step >= t.warmup_iters else 0):
-            stats = classifier_step(classifier_players, classifier_opt, *to_device(next(stream)), t.amp)
+        # (1) classifiers: cross-entropy on true labels, encoder fixed; classifier_steps batches
+        # of their own before each encoder step (one a step during warm-up, which trains only them)
+        for _ in range(t.classifier_steps if adversarial else 1):
+            stats = classifier_step(classifier_side, state.classifier_opt, *to_device(next(stream)), t.amp)
 
-        # (2) encoder: private term + alpha * desirable CE, classifiers fixed, a different batch
-        if step >= t.warmup_iters:
-            lr = encoder_lr(config, step)
-            for group in encoder_opt.param_groups:
-                group["lr"] = lr
-            images, private_labels, desirable_labels = to_device(next(stream))
-            stats.update(encoder_step(encoder_players, encoder_opt, images, private_labels, desirable_labels,
+        # (2) encoder: private term + alpha * desirable CE, classifiers fixed, a batch of its own
+        if adversarial:
+            for group in state.encoder_opt.param_groups:
+                group["lr"] = encoder_lr(config, state.step)
+            stats.update(encoder_step(encoder_side, state.encoder_opt, *to_device(next(stream)),
                                       t.encoder_loss, t.alpha, t.amp))
-        step += 1
-
-        values = logged_values(stats)
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if world.distributed:  # every rank stops together, or the others would hang
-            flag = torch.tensor([float(bool(bad))], device=device)
-            torch.distributed.all_reduce(flag)
-            bad = bad or (["a loss on another rank"] if flag.item() else [])
-        if bad:
-            last = checkpoint_path if checkpoint_path.exists() else None
-            broken = [name for name, module in (("encoder", players.encoder),
-                                                ("private classifiers", players.private_classifiers),
-                                                ("desirable classifier", players.desirable_classifier))
-                      if module is not None and not all(torch.isfinite(v).all() for v in module.state_dict().values()
-                                                        if v.is_floating_point())]
-            raise TrainingError(
-                f"non-finite {', '.join(bad)} at step {step}; training stopped. "
-                + (f"Non-finite weights in: {', '.join(broken)}. " if broken else "")
-                + (f"The last good checkpoint is {last} (step {_checkpoint_step(last)})." if last
-                   else "No checkpoint was written yet.")
-            )
-        add_to_running_sums(sums, counts, values)
+        state.step += 1
+        state.add(_finite(logged_values(stats), state, world, device, checkpoint_path))
         bar.update(1)
 
-        # ---- logging: running means since the last log, validation, collapse diagnostics
-        if world.is_main and (step % t.log_every == 0 or step == total):
-            record: dict[str, Any] = {
-                "step": step,
-                "phase": "warmup" if step <= t.warmup_iters else "adversarial",
-                "encoder_lr": encoder_lr(config, step - 1) if step > t.warmup_iters else 0.0,
-                "classifier_lr": t.classifier_lr,
-            }
-            record.update({k: v / counts[k] for k, v in sums.items()})
-            record.update(evaluate(players, [to_device(b, None) for b in val_batches]))
-            record["elapsed_s"] = round(time.time() - started, 3)
-            runs.append_metrics(run_dir / runs.METRICS_FILE, record)
-            validation = {k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")}
-            bar.set_postfix(validation)
-            if bar.disable:  # no bar (--no-progress, a batch job): one log line per log step instead
-                log.info("step %d/%d (%s, %.0f s): %s", step, total, record["phase"], record["elapsed_s"],
-                         ", ".join(f"{k} {v}" for k, v in validation.items()))
-            sums, counts = {}, {}
+        # (3) log: running means since the last log, validation, collapse diagnostics
+        if world.is_main and (state.step % t.log_every == 0 or state.step == total):
+            _log(run_dir, config, state, [to_device(b, None) for b in val_batches], started, bar)
 
-        # ---- checkpoint: full state, atomically
-        if step % t.checkpoint_every == 0 or step == total:
-            _save_checkpoint(checkpoint_path, config, step, players, classifier_opt, encoder_opt, stream, world,
-                             sums, counts)
+        # (4) checkpoint: the full state, atomically
+        if state.step % t.checkpoint_every == 0 or state.step == total:
+            _save_checkpoint(checkpoint_path, config, state, world)
     bar.close()
 
     if world.is_main:
-        runs.save_encoder(encoder_path, config, players.encoder, step)
+        runs.save_encoder(encoder_path, config, players.encoder, state.step)
         log.info("encoder saved to %s", encoder_path)
     distributed.barrier(world)
     return encoder_path
@@ -289,54 +294,87 @@ def add_to_running_sums(sums: dict[str, float], counts: dict[str, int], values: 
         counts[k] = counts.get(k, 0) + 1
 
 
-def _save_checkpoint(path: Path, config: Config, step: int, players: Players,
-                     classifier_opt: torch.optim.Optimizer, encoder_opt: torch.optim.Optimizer,
-                     stream: BatchStream, world: distributed.World, sums: dict[str, float],
-                     counts: dict[str, int]) -> None:
-    rng_states = distributed.gather_objects(world, ckpt.rng_state())  # a collective: every rank calls it
-    if not world.is_main:
-        return
-    payload = {
-        "step": step,
-        "config": config.to_dict(),
-        "encoder": players.encoder.state_dict(),
-        "private_classifiers": players.private_classifiers.state_dict(),
-        "desirable_classifier": players.desirable_classifier.state_dict() if players.desirable_classifier else {},
-        "classifier_optimizer": classifier_opt.state_dict(),
-        "encoder_optimizer": encoder_opt.state_dict(),
-        "stream": stream.state_dict(),
-        "rng": rng_states[0],
-        "rng_ranks": rng_states,
-        # a checkpoint between two logs: the next record must average the same steps after a resume
-        "running_metrics": {"sums": dict(sums), "counts": dict(counts)},
+def _finite(values: dict[str, float], state: TrainingState, world: distributed.World, device: torch.device,
+            checkpoint_path: Path) -> dict[str, float]:
+    """``values``, or a TrainingError that says which went non-finite, which weights are broken
+    and where the last good checkpoint is. Every rank stops together, or the others would hang."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if world.distributed:
+        flag = torch.tensor([float(bool(bad))], device=device)
+        torch.distributed.all_reduce(flag)
+        bad = bad or (["a loss on another rank"] if flag.item() else [])
+    if not bad:
+        return values
+    players = state.players
+    last = checkpoint_path if checkpoint_path.exists() else None
+    broken = [name for name, module in (("encoder", players.encoder),
+                                        ("private classifiers", players.private_classifiers),
+                                        ("desirable classifier", players.desirable_classifier))
+              if module is not None and not all(torch.isfinite(v).all() for v in module.state_dict().values()
+                                                if v.is_floating_point())]
+    raise TrainingError(
+        f"non-finite {', '.join(bad)} at step {state.step}; training stopped. "
+        + (f"Non-finite weights in: {', '.join(broken)}. " if broken else "")
+        + (f"The last good checkpoint is {last} (step {_checkpoint_step(last)})." if last
+           else "No checkpoint was written yet.")
+    )
+
+
+def _log(run_dir: Path, config: Config, state: TrainingState, val_batches: list, started: float, bar) -> None:
+    """One metrics record: the running means since the last log, then validation accuracies and
+    collapse diagnostics (adversarial.evaluate) on the fixed validation batches."""
+    t = config.train
+    record: dict[str, Any] = {
+        "step": state.step,
+        "phase": "warmup" if state.step <= t.warmup_iters else "adversarial",
+        "encoder_lr": encoder_lr(config, state.step - 1) if state.step > t.warmup_iters else 0.0,
+        "classifier_lr": t.classifier_lr,
     }
-    ckpt.save(path, payload)
+    record.update(state.take_means())
+    record.update(evaluate(state.players, val_batches))
+    record["elapsed_s"] = round(time.time() - started, 3)
+    runs.append_metrics(run_dir / runs.METRICS_FILE, record)
+    validation = {k: f"{v:.3f}" for k, v in record.items() if k.startswith("val_")}
+    bar.set_postfix(validation)
+    if bar.disable:  # no bar (--no-progress, a batch job): one log line per log step instead
+        total = t.warmup_iters + t.iters
+        log.info("step %d/%d (%s, %.0f s): %s", state.step, total, record["phase"], record["elapsed_s"],
+                 ", ".join(f"{k} {v}" for k, v in validation.items()))
+
+
+def _save_checkpoint(path: Path, config: Config, state: TrainingState, world: distributed.World) -> None:
+    rng_states = distributed.gather_objects(world, ckpt.rng_state())  # a collective: every rank calls it
+    if world.is_main:
+        ckpt.save(path, {**state.state_dict(), "config": config.to_dict(), "rng": rng_states[0],
+                         "rng_ranks": rng_states})
 
 
 def _checkpoint_step(path: Path) -> int:
     return int(ckpt.load(path)["step"])
 
 
-def _restore(path: Path, players: Players, classifier_opt: torch.optim.Optimizer,
-             encoder_opt: torch.optim.Optimizer, stream: BatchStream,
-             world: distributed.World) -> tuple[int, dict[str, float], dict[str, int]]:
+def _restore(path: Path, state: TrainingState, world: distributed.World, run_dir: Path) -> None:
+    """Load the checkpoint into ``state`` and every rank's RNGs; drop what was logged or left
+    half-written after it."""
     payload = ckpt.load(path)
-    ckpt.load_state(players.encoder, payload["encoder"], f"{path}: encoder")
-    ckpt.load_state(players.private_classifiers, payload["private_classifiers"], f"{path}: private classifiers")
-    if players.desirable_classifier is not None:
-        ckpt.load_state(players.desirable_classifier, payload["desirable_classifier"], f"{path}: desirable classifier")
-    classifier_opt.load_state_dict(payload["classifier_optimizer"])
-    encoder_opt.load_state_dict(payload["encoder_optimizer"])
-    stream.load_state_dict(payload["stream"])
+    state.load_state_dict(payload, str(path))
     states = payload.get("rng_ranks", [payload["rng"]])
     if len(states) != world.size:
         log.warning("%s was written by %d rank(s), resuming on %d: the random streams restart per rank "
                     "(weights, optimizers and data order are restored exactly)", path, len(states), world.size)
-        torch.manual_seed(int(payload["step"]) * 7919 + world.rank)
+        torch.manual_seed(state.step * 7919 + world.rank)
     else:
         ckpt.set_rng_state(states[world.rank])
-    running = payload.get("running_metrics", {"sums": {}, "counts": {}})
-    sums = dict(running["sums"])
-    # checkpoints of earlier versions kept one count for every value
-    counts = running.get("counts", {k: int(running.get("count", 0)) for k in sums})
-    return int(payload["step"]), sums, dict(counts)
+    if world.is_main:
+        runs.truncate_metrics(run_dir / runs.METRICS_FILE, state.step)
+        # A process killed while writing a checkpoint leaves its temporary file behind.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def _say_resumed(run_dir: Path, config: Config, step: int, world: distributed.World) -> None:
+    log.info("resumed %s at step %d", run_dir, step)
+    if config.data.num_workers > 0 and world.is_main:
+        log.warning("data.num_workers = %d: the resumed run is not bitwise identical to an uninterrupted "
+                    "one (the loader workers restart with new random streams, so the augmentations after "
+                    "step %d differ); use data.num_workers = 0 where that matters", config.data.num_workers, step)
