@@ -512,10 +512,10 @@ def test_failed_verify_and_report_remove_the_folders_they_created(finished_run, 
 
 
 def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_run, tmp_path, monkeypatch):
-    from privenc import deploy
+    from privenc import atomic, deploy
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
-    real, writes = deploy.atomic_write_bytes, []
+    real, writes = atomic.atomic_write_bytes, []
 
     def killed(path, data):  # the first of export's two files is written, then the process dies
         writes.append(path)
@@ -523,9 +523,13 @@ def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_r
             raise KeyboardInterrupt
         real(path, data)
 
+    # every write of export: the contract (text, through atomic_write_text) and the file itself
+    monkeypatch.setattr(atomic, "atomic_write_bytes", killed)
     monkeypatch.setattr(deploy, "atomic_write_bytes", killed)
     with pytest.raises(KeyboardInterrupt):
         deploy.export(run, "torchscript")
+    assert len(writes) == 2
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real)
     monkeypatch.setattr(deploy, "atomic_write_bytes", real)
     assert main(["-q", "export", "--encoder", str(run), "--format", "torchscript"]) == 0
     assert (run / "encoder.torchscript.pt").is_file()
