@@ -75,7 +75,7 @@ from privenc.verify import Encoded, fit_classifier  # noqa: E402
 import flops  # noqa: E402
 
 SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
-SHARES = {"tests": 0.22, "step": 0.33, "loader": 0.08, "attackers": 0.08, "smoke": 0.29}
+SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}
 """Fractions of --budget; unused time passes on to the next section."""
 DEFAULT_BUDGET = 480.0
 """Seconds: leaves room in a 600 s device call for start-up, import and the files' return."""
