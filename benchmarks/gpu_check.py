@@ -727,8 +727,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke-iters", type=int, default=200, help="the smoke's train.iters")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, when the "
                         "script does not know the card")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="time the torch.compile variant (default: on CUDA, not with --quick)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave it out")
     parser.add_argument("--batch-search", default=None, help=argparse.SUPPRESS)  # section 2's child process
     parser.add_argument("--start-batch", type=int, default=128, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
