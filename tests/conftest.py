@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny configuration that trains in seconds on a CPU, and an isolated
-image cache so tests never touch ~/.cache."""
+"""Shared fixtures: a tiny configuration that trains in seconds on a CPU, an isolated
+image cache so tests never touch ~/.cache, and the device that device-capable tests run on
+(``PRIVENC_TEST_DEVICE``: cpu by default, cuda on a machine with a card)."""
 
+import dataclasses
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,47 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_config() -> Config:
     return load_config("demo", TINY)
+
+
+def chosen_device() -> torch.device:
+    """The device named by ``PRIVENC_TEST_DEVICE`` (default cpu); a bad value stops the run."""
+    name = os.environ.get("PRIVENC_TEST_DEVICE", "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise pytest.UsageError(f"PRIVENC_TEST_DEVICE must be cpu, cuda or cuda:N, got {name!r}")
+    return torch.device(name)
+
+
+def pytest_configure(config) -> None:
+    chosen_device()  # a typo in the variable fails the run at once, not each test on its own
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items) -> None:
+    # A test that takes the device fixture is device-capable: `-m cuda` selects exactly those.
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture
+def device(monkeypatch) -> torch.device:
+    """Where a device-capable test runs: cpu unless ``PRIVENC_TEST_DEVICE`` says cuda; such a
+    test is skipped when it asks for a card that is not there."""
+    chosen = chosen_device()
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"PRIVENC_TEST_DEVICE={chosen} but CUDA is not available here")
+        if (chosen.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"PRIVENC_TEST_DEVICE={chosen} but only {torch.cuda.device_count()} CUDA device(s) here")
+        # The tests compare with float32 references at float32 tolerances; cuDNN's default TF32
+        # convolutions keep 10 mantissa bits (the library leaves cuDNN's default alone).
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return chosen
+
+
+def on_device(config: Config, device: torch.device) -> Config:
+    """``config`` with training on ``device``."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, device=str(device)))
 
 
 @pytest.fixture(autouse=True)

@@ -84,9 +84,9 @@ def _manifest(out: Path) -> list[dict]:
 # --------------------------------------------------------------------------- encode
 
 
-def test_manifest_lists_every_input_once_and_rows_hold_their_encodings(run, images, tmp_path):
+def test_manifest_lists_every_input_once_and_rows_hold_their_encodings(run, images, tmp_path, device):
     out = tmp_path / "out"
-    summary = deploy.encode(run, images, out, shard_size=3, batch_size=2, progress=False)
+    summary = deploy.encode(run, images, out, shard_size=3, batch_size=2, device=str(device), progress=False)
 
     records = _manifest(out)
     expected_paths = ["a/broken.jpg", "a/deep/gray.jpg", "a/img0.png", "a/img2.png", "a/img4.png",

@@ -123,15 +123,15 @@ def test_per_location_bn_gives_the_same_numbers_on_a_channels_last_input(scale: 
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_per_location_bn_forward_and_gradients_match_a_float64_reference(channels_last: bool) -> None:
+def test_per_location_bn_forward_and_gradients_match_a_float64_reference(channels_last: bool, device) -> None:
     torch.manual_seed(0)
-    bn = PerLocationBatchNorm(3, 4, 5, scale=True, bias=True)
+    bn = PerLocationBatchNorm(3, 4, 5, scale=True, bias=True).to(device)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
-    x = skewed_batch(batch=16, shape=(3, 4, 5))
+    x = skewed_batch(batch=16, shape=(3, 4, 5)).to(device)
     x32 = (x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()).requires_grad_()
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
     bn(x32).backward(grad)
 
     # The formula, in float64 autograd operations: every (c, y, x) over the batch.
@@ -291,19 +291,19 @@ def test_receptive_field_matches_the_input_gradient_extent() -> None:
     assert receptive_field(cfg) == 1 + 2 + 2 + 1 + 2 * 2 + 2 + 4 * 2 + 4 * 4
 
 
-def test_encoder_output_is_bounded_and_satisfies_the_variance_constraint() -> None:
+def test_encoder_output_is_bounded_and_satisfies_the_variance_constraint(device) -> None:
     torch.manual_seed(0)
-    encoder = Encoder(TINY, image_size=8).train()
+    encoder = Encoder(TINY, image_size=8).to(device).train()
     captured = {}
     output_norm = encoder.layers[-2]
     assert isinstance(output_norm, PerLocationBatchNorm) and list(output_norm.parameters()) == []
     output_norm.register_forward_hook(lambda module, inputs, output: captured.update(pre_tanh=output))
-    z = encoder(torch.rand(32, 3, 8, 8))
+    z = encoder(torch.rand(32, 3, 8, 8, device=device))
     assert z.shape == (32, *encoder.output_shape) == (32, 3, 4, 4)
     assert z.abs().max() < 1
     pre = captured["pre_tanh"]
-    assert torch.allclose(pre.mean(0), torch.zeros(3, 4, 4), atol=1e-5)
-    assert torch.allclose(pre.var(0, unbiased=False), torch.ones(3, 4, 4), atol=1e-3)
+    assert torch.allclose(pre.mean(0), torch.zeros(3, 4, 4, device=device), atol=1e-5)
+    assert torch.allclose(pre.var(0, unbiased=False), torch.ones(3, 4, 4, device=device), atol=1e-3)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -316,13 +316,13 @@ def test_encoder_convs_have_no_bias_and_the_output_norm_is_always_there(norm: st
     assert encoder(torch.rand(4, 3, 8, 8)).shape == (4, 3, 4, 4)
 
 
-def test_encoder_in_eval_mode_encodes_each_image_independently_of_the_batch() -> None:
+def test_encoder_in_eval_mode_encodes_each_image_independently_of_the_batch(device) -> None:
     torch.manual_seed(0)
-    encoder = Encoder(TINY, image_size=8).train()
+    encoder = Encoder(TINY, image_size=8).to(device).train()
     for _ in range(3):  # populate running statistics
-        encoder(torch.rand(16, 3, 8, 8))
+        encoder(torch.rand(16, 3, 8, 8, device=device))
     encoder.eval()
-    x = torch.rand(5, 3, 8, 8)
+    x = torch.rand(5, 3, 8, 8, device=device)
     with torch.no_grad():
         together = encoder(x)
         alone = torch.cat([encoder(x[i:i + 1]) for i in range(5)])
@@ -395,10 +395,10 @@ def test_classifier_shapes_and_features_head_split() -> None:
 
 
 @pytest.mark.parametrize("family", ATTACKERS)
-def test_attackers_output_logits(family: str) -> None:
+def test_attackers_output_logits(family: str, device) -> None:
     cfg = ClassifierConfig(stages=[[4], [8]])
-    attacker = build_attacker(family, cfg, in_channels=3, num_classes=2, input_size=8)
-    assert attacker(torch.rand(5, 3, 8, 8)).shape == (5, 2)
+    attacker = build_attacker(family, cfg, in_channels=3, num_classes=2, input_size=8).to(device)
+    assert attacker(torch.rand(5, 3, 8, 8, device=device)).shape == (5, 2)
 
 
 def test_wide_attacker_is_wider_and_deeper() -> None:
@@ -417,16 +417,16 @@ def test_unknown_attacker_family_lists_the_valid_ones() -> None:
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on a CPU needs a C compiler")
-def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input() -> None:
+def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input(device) -> None:
     # benchmarks/gpu_check.py times a compiled encoder; the per-location BN must trace (no graph
     # break on data pointers) and give eager's numbers, its running statistics included.
     torch.manual_seed(0)
-    eager = Encoder(TINY, 16).to(memory_format=torch.channels_last)
-    compiled_module = Encoder(TINY, 16).to(memory_format=torch.channels_last)
+    eager = Encoder(TINY, 16).to(device, memory_format=torch.channels_last)
+    compiled_module = Encoder(TINY, 16).to(device, memory_format=torch.channels_last)
     compiled_module.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_module, fullgraph=True)
-    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(8, *eager.output_shape)
+    x = torch.randn(8, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, *eager.output_shape, device=device)
     eager(x).backward(grad)
     compiled(x).backward(grad)
     for (name, a), b in zip(eager.state_dict().items(), compiled_module.state_dict().values()):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import on_device
 from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config
@@ -15,12 +16,12 @@ from privenc.runs import load_encoder
 from privenc.train import desirable_target, encoder_lr, train
 
 
-def _players(config):
+def _players(config, device="cpu"):
     torch.manual_seed(0)
-    encoder = Encoder(config.encoder, config.data.image_size)
+    encoder = Encoder(config.encoder, config.data.image_size).to(device)
     c, h, _ = encoder.output_shape
-    return Players(encoder, nn.ModuleList([Classifier(config.classifier, c, 2, h)]),
-                   Classifier(config.classifier, c, 2, h))
+    return Players(encoder, nn.ModuleList([Classifier(config.classifier, c, 2, h).to(device)]),
+                   Classifier(config.classifier, c, 2, h).to(device))
 
 
 def _params(module):
@@ -31,11 +32,11 @@ def _changed(before, module):
     return any(not torch.equal(before[k], v) for k, v in module.named_parameters())
 
 
-def test_classifier_step_changes_only_classifier_weights(tiny_config):
-    players = _players(tiny_config)
+def test_classifier_step_changes_only_classifier_weights(tiny_config, device):
+    players = _players(tiny_config, device)
     opt = torch.optim.Adam(players.classifier_parameters(), lr=1e-2)
     enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
-    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 1))
+    images, labels = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 2, (8, 1), device=device)
     stats = classifier_step(players, opt, images, labels, labels[:, 0])
     assert not _changed(enc, players.encoder)
     assert _changed(priv, players.private_classifiers) and _changed(des, players.desirable_classifier)
@@ -43,11 +44,11 @@ def test_classifier_step_changes_only_classifier_weights(tiny_config):
 
 
 @pytest.mark.parametrize("loss", ["label_flip", "standard_gan", "negative_ce"])
-def test_encoder_step_changes_only_encoder_weights(tiny_config, loss):
-    players = _players(tiny_config)
+def test_encoder_step_changes_only_encoder_weights(tiny_config, loss, device):
+    players = _players(tiny_config, device)
     opt = torch.optim.Adam(players.encoder.parameters(), lr=1e-2)
     enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
-    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 1))
+    images, labels = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 2, (8, 1), device=device)
     encoder_step(players, opt, images, labels, labels[:, 0], loss, alpha=0.0625)
     assert _changed(enc, players.encoder)
     assert not _changed(priv, players.private_classifiers) and not _changed(des, players.desirable_classifier)
@@ -67,8 +68,8 @@ def test_encoder_lr_schedule_decays_every_k_adversarial_iterations():
     assert [encoder_lr(config, s) for s in (0, 10, 14, 15, 20)] == [1.0, 1.0, 1.0, 0.5, 0.25]
 
 
-def test_smoke_run_writes_metrics_checkpoints_and_encoder(tiny_config, tmp_path):
-    path = train(tiny_config, tmp_path / "run", progress=False)
+def test_smoke_run_writes_metrics_checkpoints_and_encoder(tiny_config, tmp_path, device):
+    path = train(on_device(tiny_config, device), tmp_path / "run", progress=False)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6, 9]
@@ -84,7 +85,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_encoder(tiny_config, tmp_path)
     assert encoder(x).shape == (2, 3, 8, 8)
 
 
-def test_resume_is_exact(tiny_config, tmp_path):
+def test_resume_is_exact(tiny_config, tmp_path, device):
+    tiny_config = on_device(tiny_config, device)
     train(tiny_config, tmp_path / "straight", progress=False)
     # the same run, stopped after 4 steps (a checkpoint), then resumed to the end
     from dataclasses import replace

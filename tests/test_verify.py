@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import on_device
 from privenc.grid import cell_dir, collect, run_grid
 from privenc.models import BlurEncoder
 from privenc.report import build_report, equalize
@@ -58,14 +59,14 @@ def test_blur_baseline_on_a_tiny_image():
 
 
 @pytest.fixture
-def trained_run(tiny_config, tmp_path_factory):
+def trained_run(tiny_config, tmp_path_factory, device):
     run = tmp_path_factory.mktemp("runs") / "lf"
-    train(tiny_config, run, progress=False)
+    train(on_device(tiny_config, device), run, progress=False)
     return run
 
 
 def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_config, trained_run, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, device):
     import privenc.verify as verify_module
 
     frozen = {}
@@ -78,7 +79,8 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
 
     monkeypatch.setattr(verify_module, "assert_unchanged", spy)
     before = (trained_run / "encoder.pt").read_bytes()
-    records = verify(str(trained_run), tiny_config, ["g1c0", "g1c2"], tmp_path / "v", progress=False)
+    records = verify(str(trained_run), tiny_config, ["g1c0", "g1c2"], tmp_path / "v", device=str(device),
+                     progress=False)
     assert frozen == {"params": [False] * len(frozen["params"]), "training": False}
     assert (trained_run / "encoder.pt").read_bytes() == before
     assert [(r["task"], r["role"]) for r in records] == [("g1c0", "private"), ("g1c2", "other")]
@@ -105,11 +107,11 @@ def test_verify_detects_a_changed_encoder(tiny_config, trained_run, tmp_path, mo
         verify(str(trained_run), tiny_config, ["g1c0"], tmp_path / "v", progress=False)
 
 
-def test_not_saturated_is_reported(tiny_config, tmp_path):
+def test_not_saturated_is_reported(tiny_config, tmp_path, device):
     from dataclasses import replace
 
     config = replace(tiny_config, verify=replace(tiny_config.verify, patience=50, max_iters=4))
-    records = verify("blur", config, ["g1c0"], tmp_path / "v", progress=False)
+    records = verify("blur", config, ["g1c0"], tmp_path / "v", device=str(device), progress=False)
     assert records[0]["saturated"] is False and records[0]["iters"] == 4
     assert "(not saturated)" in (tmp_path / "v" / "summary.md").read_text()
 
