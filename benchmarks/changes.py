@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from privenc.config import Config
 from privenc.data import ImageDataset, TaskData
-from privenc.models import PerLocationBatchNorm, _from_nhwc, _same, _to_nhwc
+from privenc.norms import PerLocationBatchNorm, _from_nhwc, _same, _to_nhwc
 
 from measure import Row, compare, interleave
 

@@ -10,7 +10,7 @@ preset. These comparisons are what that choice rests on:
   most expensive verification cell of the demo) and on the demo encoder's encodings.
 
 The per-location BatchNorm works on a channels-last input as the (B, H, W, C) tensor it is in
-memory (``privenc.models.PerLocationBatchNorm``); before that change channels-last was slower
+memory (``privenc.norms.PerLocationBatchNorm``); before that change channels-last was slower
 than NCHW on a CPU, because every normalization op mixed the two layouts.
 """
 

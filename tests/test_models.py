@@ -15,19 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
-from privenc.models import (
-    BiasFreeBatchNorm2d,
-    BlurEncoder,
-    Classifier,
-    Encoder,
-    GlobalBatchNorm2d,
-    IdentityEncoder,
-    PerLocationBatchNorm,
-    build_attacker,
-    build_encoder,
-    make_norm,
-    receptive_field,
-)
+from privenc.models import BlurEncoder, Classifier, Encoder, IdentityEncoder, build_attacker, build_encoder, receptive_field
+from privenc.norms import BiasFreeBatchNorm2d, GlobalBatchNorm2d, PerLocationBatchNorm, make_norm
 
 TINY = EncoderConfig(stages=[[4, 4], [4]], kernel_size=3, final_kernel_size=3, out_channels=3)
 PAPER_STAGES = [[64] * 4, [128] * 4, [256] * 4, [256] * 2]

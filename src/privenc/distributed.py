@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m privenc train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE;
 :func:`setup` then joins the process group (NCCL on GPUs, gloo on CPUs). Every rank takes its
-share of each global batch; per-location batch norm all-reduces its statistics (models.py), so
+share of each global batch; per-location batch norm all-reduces its statistics (norms.py), so
 the global batch is normalized as one process would normalize it; only rank 0 writes. Every
 module that asks which rank it is or which device to use asks here.
 """
