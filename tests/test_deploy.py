@@ -16,7 +16,8 @@ from privenc.cli import main
 from privenc.config import load_config
 from privenc.data.images import read_image, resize_square
 from privenc.data.transforms import eval_transform
-from privenc.errors import CheckpointError, ConfigError, DataError
+from privenc.deploy import formats, shards
+from privenc.errors import CheckpointError, ConfigError, DataError, ExportError
 from privenc.models import Encoder
 from privenc.report import equalize
 from privenc.runs import load_encoder, save_encoder
@@ -125,8 +126,8 @@ def test_rerun_rewrites_only_unfinished_shards(run, images, tmp_path, monkeypatc
     (out / "shard-00002.npy").unlink()
     (out / "shard-00001.jsonl").unlink()
     written = []
-    real_write = deploy._write_shard
-    monkeypatch.setattr(deploy, "_write_shard", lambda o, k, *a: (written.append(k), real_write(o, k, *a)))
+    real_write = shards._write_shard
+    monkeypatch.setattr(shards, "_write_shard", lambda o, k, *a: (written.append(k), real_write(o, k, *a)))
     summary = deploy.encode(run, images, out, shard_size=3, batch_size=2, progress=False)
 
     assert written == [1, 2]
@@ -138,7 +139,7 @@ def test_rerun_rewrites_only_unfinished_shards(run, images, tmp_path, monkeypatc
 
 def test_an_interrupted_encode_resumes_from_its_finished_shards(run, images, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_encode = deploy._encode_shard
+    real_encode = shards._encode_shard
     calls = []
 
     def crash_on_second_shard(*args, **kwargs):
@@ -147,14 +148,14 @@ def test_an_interrupted_encode_resumes_from_its_finished_shards(run, images, tmp
             raise KeyboardInterrupt
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(deploy, "_encode_shard", crash_on_second_shard)
+    monkeypatch.setattr(shards, "_encode_shard", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         deploy.encode(run, images, out, shard_size=3, progress=False)
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.jsonl", "shard-00000.npy"]
     assert not (out / "manifest.jsonl").exists()
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
-    monkeypatch.setattr(deploy, "_encode_shard", real_encode)
+    monkeypatch.setattr(shards, "_encode_shard", real_encode)
     summary = deploy.encode(run, images, out, shard_size=3, progress=False)
     assert (summary["shards_written"], summary["shards_reused"], summary["images"]) == (2, 1, 8)
     fresh = tmp_path / "fresh"
@@ -402,7 +403,7 @@ def test_safetensors_of_another_architecture_or_truncated_is_refused(run, tmp_pa
 
 
 def test_an_export_that_differs_is_not_written(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "EXPORT_TOLERANCE", -1.0)  # any difference, even 0, is too much
-    with pytest.raises(deploy.ExportError, match="nothing was written"):
+    monkeypatch.setattr(formats, "EXPORT_TOLERANCE", -1.0)  # any difference, even 0, is too much
+    with pytest.raises(ExportError, match="nothing was written"):
         deploy.export(run, "torchscript", tmp_path / "enc.pt")
     assert not (tmp_path / "enc.pt").exists() and not (tmp_path / "enc.pt.json").exists()

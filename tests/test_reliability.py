@@ -469,7 +469,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(command, finishe
     for module in ("privenc.train", "privenc.verify", "privenc.data"):
         monkeypatch.setattr(f"{module}.prepare", no_work)
     monkeypatch.setattr(dataset, "prepare", no_work)
-    monkeypatch.setattr(deploy, "_encode_shard", no_work)
+    monkeypatch.setattr("privenc.deploy.shards._encode_shard", no_work)
     monkeypatch.setattr("privenc.report.read_folders", no_work)
     images = _images(tmp_path / "images", 2)
     (tmp_path / "a_file").write_text("not a folder")

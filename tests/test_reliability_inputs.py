@@ -513,6 +513,7 @@ def test_failed_verify_and_report_remove_the_folders_they_created(finished_run, 
 
 def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_run, tmp_path, monkeypatch):
     from privenc import atomic, deploy
+    from privenc.deploy import formats
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     real, writes = atomic.atomic_write_bytes, []
@@ -525,12 +526,12 @@ def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_r
 
     # every write of export: the contract (text, through atomic_write_text) and the file itself
     monkeypatch.setattr(atomic, "atomic_write_bytes", killed)
-    monkeypatch.setattr(deploy, "atomic_write_bytes", killed)
+    monkeypatch.setattr(formats, "atomic_write_bytes", killed)
     with pytest.raises(KeyboardInterrupt):
         deploy.export(run, "torchscript")
     assert len(writes) == 2
     monkeypatch.setattr(atomic, "atomic_write_bytes", real)
-    monkeypatch.setattr(deploy, "atomic_write_bytes", real)
+    monkeypatch.setattr(formats, "atomic_write_bytes", real)
     assert main(["-q", "export", "--encoder", str(run), "--format", "torchscript"]) == 0
     assert (run / "encoder.torchscript.pt").is_file()
 

@@ -202,6 +202,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    from privenc.deploy import encode
+
+    summary = encode(args.encoder, args.input, args.output, shard_size=args.shard_size,
+                     batch_size=args.batch_size, device=args.device, previews=args.previews,
+                     progress=not args.no_progress, num_workers=args.workers)
+    print(f"encoded {summary['encoded']} of {summary['images']} images into {summary['shards']} shard(s) "
+          f"({summary['shards_reused']} reused), {summary['errors']} error(s); manifest: {summary['manifest']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from privenc.deploy import contract_path, export
+    from privenc.errors import ExportError
+
+    try:
+        path = export(args.encoder, args.format, args.out)
+    except ExportError as err:
+        print(f"privenc: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {path}; input contract: {contract_path(path)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -295,9 +319,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
 
-    from privenc.deploy import add_deploy_commands
+    from privenc.deploy import FORMATS
 
-    add_deploy_commands(sub)
+    source_help = ("a training run folder (encoder.pt + config.toml), an encoder.pt inside one, or an "
+                   "exported .safetensors")
+    p = sub.add_parser(
+        "encode", help="encode a folder or CSV list of images into sharded .npy files (resumable)",
+        description="Encode every image with a trained encoder (evaluation transform: resize to the "
+                    "run's data.load_size, center crop to data.image_size, values in [-1, 1]) into "
+                    "OUT/shard-NNNNN.npy (float32 [n, C, H, W]) plus OUT/manifest.jsonl mapping each "
+                    "source path to (shard, row); unreadable images are listed there with status "
+                    "'error'. A rerun skips finished shards; a rerun with another encoder or other "
+                    "input/shard size into the same OUT is refused (OUT/encode.json records them).")
+    p.add_argument("--encoder", required=True, metavar="RUN", help=source_help)
+    p.add_argument("--input", required=True, metavar="DIR|CSV",
+                   help="a folder (every image below it, recursively, sorted by path) or a CSV file "
+                        "whose 'path' column lists images relative to the CSV")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder (new, empty, or a previous "
+                                                                   "encode of the same input to resume)")
+    p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="inputs per shard (default 1024)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--previews", type=int, default=0, metavar="N",
+                   help="write PNGs of the first N encodings, histogram-equalized per location and "
+                        "channel over the first shard, to OUT/previews/ (default 0)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes decoding images (default 0: decode in this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser(
+        "export", help="export a trained encoder to ONNX, TorchScript or safetensors",
+        description="Write a standalone encoder (eval mode: a fixed per-image function) and, beside "
+                    "it, PATH.json: the input contract (size, RGB, [-1, 1] = (x/255-0.5)/0.5, "
+                    "resize/crop rule), output shape, encoder config, privenc version and the "
+                    "source file's sha256. The export is checked against the PyTorch encoder "
+                    "(batch sizes 1 and 5, max abs diff <= 1e-4) before it is written.")
+    p.add_argument("--encoder", required=True, metavar="RUN", help=source_help)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (dynamic batch axis, opset 17), torchscript (traced) or safetensors "
+                        "(state dict + contract; rebuild with privenc.deploy.load_safetensors)")
+    p.add_argument("--out", metavar="PATH", help="output file (default: beside the encoder file, "
+                                                 "encoder.onnx / encoder.torchscript.pt / encoder.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config as TOML, or list presets",
                        description="Print the resolved configuration (defaults < preset/file < --set).")
