@@ -11,6 +11,14 @@ def test_presets_are_shipped_and_load():
         assert isinstance(load_config(name), Config)
 
 
+def test_the_defaults_name_no_task():
+    # Task names belong to a source: a synthetic default would leak into every config without
+    # a [train] section (issue 17); presets name their own.
+    config = load_config(None, ['data.source="folder"', 'data.root="photos"'])
+    assert config.train.private == [] and config.train.desirable == [] and config.verify.tasks == []
+    assert all(load_config(name).train.private for name in preset_names())
+
+
 def test_paper_preset_holds_the_papers_values():
     config = load_config("paper")
     assert (config.data.image_size, config.train.batch_size) == (224, 128)

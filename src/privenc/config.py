@@ -119,9 +119,11 @@ class ClassifierConfig:
 class TrainConfig:
     """Adversarial training (Sec. 3 and 4.1)."""
 
-    private: list[str] = field(default_factory=lambda: ["g1c0"])
+    private: list[str] = field(default_factory=list)
     """Private tasks to inhibit. A task is a category name (binary detection: the category vs
-    the other categories of its group, balanced) or 'attribute:<column>' (categorical)."""
+    the other categories of its group, balanced) or 'attribute:<column>' (categorical). Empty by
+    default: task names belong to a data source, so a preset or the user names them (`train`
+    refuses to start without one)."""
     desirable: list[str] = field(default_factory=list)
     """Desirable tasks to keep; N of them are learned by one (N+1)-way classifier."""
     encoder_loss: str = "label_flip"
@@ -378,7 +380,6 @@ def validate(config: Config) -> None:
              f"classifier.stages must be a non-empty list of non-empty positive width lists, got {c.stages}")
     _require(c.kernel_size % 2 == 1, "classifier.kernel_size must be odd")
 
-    _require(len(t.private) >= 1, "train.private must name at least one private task")
     _one_of("train.encoder_loss", t.encoder_loss, ENCODER_LOSSES)
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from privenc import checkpoint as ckpt
 from privenc import distributed
 from privenc.adversarial import ACCURACY_SUFFIX, Players, classifier_step, encoder_step, evaluate
-from privenc.config import Config, write_run_config
+from privenc.config import Config, ConfigError, write_run_config
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
@@ -104,6 +104,10 @@ def encoder_lr(config: Config, step: int) -> float:
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
     t = config.train
+    if not t.private:  # checked before anything is written: a config without tasks leaves no run folder
+        raise ConfigError("no private task: set train.private, e.g. --set train.private=street or "
+                          "--set train.private=attribute:gender (`privenc data inspect SOURCE` lists a source's "
+                          "categories and attributes)")
     run_dir = Path(run_dir)
     world = distributed.setup(t.device)
     device = resolve_device(t.device, world.local_rank if world.distributed else None)
