@@ -2,7 +2,7 @@
 
 import pytest
 
-from privenc.config import Config, ConfigError, from_dict, load_config, preset_names, write_run_config
+from privenc.config import Config, ConfigError, config_diff, from_dict, load_config, preset_names, write_run_config
 
 
 def test_presets_are_shipped_and_load():
@@ -17,6 +17,15 @@ def test_the_defaults_name_no_task():
     config = load_config(None, ['data.source="folder"', 'data.root="photos"'])
     assert config.train.private == [] and config.train.desirable == [] and config.verify.tasks == []
     assert all(load_config(name).train.private for name in preset_names())
+
+
+def test_a_key_an_older_run_lacks_counts_as_its_default():
+    new = load_config("demo").to_dict()
+    old = load_config("demo").to_dict()
+    del old["data"]["group_by"]  # a run from before data.group_by: it split per image
+    assert config_diff(old, new) == []
+    new["data"]["group_by"] = "person"
+    assert config_diff(old, new) == ["data.group_by: '' -> 'person'"]
 
 
 def test_paper_preset_holds_the_papers_values():

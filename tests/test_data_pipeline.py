@@ -395,6 +395,21 @@ def test_inspect_describes_a_csv_without_tasks(tmp_path):
     assert "task " not in report  # no task named, none described
 
 
+def test_grouped_splits_are_recorded_and_inspected(tmp_path):
+    rows = [("m" if p % 2 else "f", "yes" if k % 2 else "no", f"p{p}") for p in range(10) for k in range(p % 3 + 1)]
+    cfg = DataConfig(source="csv", root=str(make_faces_csv(tmp_path, rows)), load_size=12, image_size=10,
+                     group_by="person", split=[0.6, 0.2, 0.2], cache_dir=str(tmp_path / "cache"))
+    data = prepare(cfg, ["attribute:smiling"])
+    data.write(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "tasks.json").read_text())
+    assert summary["group_by"] == "person" and sum(summary["groups_per_split"].values()) == 10
+    person_of = dict(zip(data.source.ids, data.source.attributes["person"]))
+    people = [{person_of[i] for i in (tmp_path / "run" / "splits" / f"{s}.txt").read_text().split()} for s in data.splits]
+    assert sum(map(len, people)) == len(set().union(*people)) == 10  # every person in exactly one split file
+    report = inspect(cfg)
+    assert "disjoint by person: 10 groups (train " in report and "none in two splits" in report
+
+
 def test_inspect_summarizes_an_attribute_with_many_values(tmp_path):
     rows = [("m", "yes", f"p{k:02d}") for k in range(11)] + [("f", "no", "p00")] * 3
     report = inspect(DataConfig(source="csv", root=str(make_faces_csv(tmp_path, rows)), load_size=12, image_size=10))

@@ -76,6 +76,9 @@ class DataConfig:
     """For csv sources: which column holds the category that splits are drawn per and binary
     detection tasks use. Left at "category": that column, or the first attribute column of a CSV
     without one."""
+    group_by: str = ""
+    """An attribute (a CSV column, e.g. "person") whose values are never split: every image with
+    the same value goes to one split, so no attacker can key on identity. Empty = per image."""
     max_per_category: int = 0
     """Use at most this many images per category (0 = all)."""
     synthetic_per_category: int = 400
@@ -218,10 +221,16 @@ SECTIONS: dict[str, type] = {
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """``section.key: old -> new`` for every value of ``new`` (a ``Config.to_dict()``) that
-    ``old`` lacks or holds differently; ``ignore`` names keys that may differ."""
-    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+    ``old`` holds differently; ``ignore`` names keys that may differ. A key ``old`` lacks (a
+    run from before the key existed) counts as its default, which keeps the earlier behaviour."""
+    defaults = Config().to_dict()
+
+    def before(section: str, key: str) -> Any:
+        return old.get(section, {}).get(key, defaults.get(section, {}).get(key))
+
+    return [f"{section}.{key}: {before(section, key)!r} -> {value!r}"
             for section, values in new.items() for key, value in values.items()
-            if f"{section}.{key}" not in ignore and old.get(section, {}).get(key) != value]
+            if f"{section}.{key}" not in ignore and before(section, key) != value]
 
 
 def preset_names() -> list[str]:

@@ -130,6 +130,9 @@ class TaskData:
             "source": self.source.name,
             "fingerprint": self.source.fingerprint(),
             "split_sizes": {s: int(len(i)) for s, i in self.splits.items()},
+            **({"group_by": self.config.group_by,
+                "groups_per_split": {s: len({self.source.attributes[self.config.group_by][k] for k in i.tolist()})
+                                     for s, i in self.splits.items()}} if self.config.group_by else {}),
             "pool_sizes": {s: int(len(i)) for s, i in self.indices.items()},
             "bad_images": len(self.bad_images),
             "tasks": tasks,
@@ -166,7 +169,8 @@ def prepare(cfg: DataConfig, task_specs: list[str], run_dir: Path | None = None)
         splits = {name: np.setdiff1d(split, bad) for name, split in splits.items()}
         log.info("reusing the splits of %s", run_dir)
     else:
-        splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category, exclude=np.asarray(bad, dtype=np.int64))
+        splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category, exclude=np.asarray(bad, dtype=np.int64),
+                             group_by=cfg.group_by)
 
     indices: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}

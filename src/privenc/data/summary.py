@@ -26,7 +26,7 @@ def inspect(cfg: DataConfig, task_specs: list[str] | tuple[str, ...] = ()) -> st
     sizes over a sample, groups, every attribute's values with their counts and unknowns, and
     the class balance of each task in ``task_specs`` in each split (no task: no task section)."""
     source = open_source(cfg)
-    splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category)
+    splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category, group_by=cfg.group_by)
     categories = source.attributes["category"]
     # A CSV's category is one of its columns (the same list): name it, splits are drawn per its values.
     column = next((a for a in source.attributes if a != "category" and source.attributes[a] is categories), None)
@@ -36,7 +36,8 @@ def inspect(cfg: DataConfig, task_specs: list[str] | tuple[str, ...] = ()) -> st
         f"{f' (column {column!r}: splits are stratified by it)' if column else ''}",
         f"splits: {', '.join(f'{s} {len(splits[s])}' for s in SPLITS)} "
         f"(fractions {cfg.split}, seed {cfg.seed}"
-        f"{f', at most {cfg.max_per_category} per category' if cfg.max_per_category else ''})",
+        f"{f', at most {cfg.max_per_category} per category' if cfg.max_per_category else ''})"
+        f"{_grouping(source, splits, cfg.group_by)}",
         "",
         _category_table(categories, splits),
         "",
@@ -62,6 +63,16 @@ def inspect(cfg: DataConfig, task_specs: list[str] | tuple[str, ...] = ()) -> st
             rows.append([s, str(len(chosen)), *(str(int((labels == k).sum())) for k in range(task.num_classes))])
         out.append(_table(["split", "images", *task.classes], rows))
     return "\n".join(out)
+
+
+def _grouping(source: Source, splits: dict[str, np.ndarray], group_by: str) -> str:
+    """How many groups each split holds when splits keep a group's images together."""
+    if not group_by:
+        return ""
+    values = source.attributes[group_by]
+    counts = {s: len({values[i] for i in splits[s].tolist()}) for s in SPLITS}
+    return (f"\n  disjoint by {group_by}: {sum(counts.values())} groups "
+            f"({', '.join(f'{s} {n}' for s, n in counts.items())}), none in two splits")
 
 
 MANY_VALUES = 10
