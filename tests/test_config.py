@@ -6,7 +6,7 @@ from privenc.config import Config, ConfigError, config_diff, from_dict, load_con
 
 
 def test_presets_are_shipped_and_load():
-    assert {"demo", "paper", "places-mini"} <= set(preset_names())
+    assert {"demo", "paper", "places-mini", "scenes", "faces"} <= set(preset_names())
     for name in preset_names():
         assert isinstance(load_config(name), Config)
 
@@ -26,6 +26,18 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
     assert config_diff(old, new) == []
     new["data"]["group_by"] = "person"
     assert config_diff(old, new) == ["data.group_by: '' -> 'person'"]
+
+
+def test_scenes_and_faces_presets_name_the_shared_sets_and_their_tasks():
+    scenes, faces = load_config("scenes"), load_config("faces")
+    assert (scenes.data.source, scenes.data.root) == ("folder", "../shared/data/intel-scenes")
+    assert (scenes.train.private, scenes.train.desirable) == (["street"], ["buildings"])
+    assert sorted(scenes.verify.tasks) == ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    assert (faces.data.source, faces.data.root) == ("csv", "../shared/data/lfw-faces/attributes.csv")
+    assert (faces.train.private, faces.train.desirable) == (["attribute:gender"], ["attribute:smiling"])
+    assert faces.verify.tasks == ["attribute:gender", "attribute:smiling", "attribute:expression"]
+    assert faces.data.group_by == "person" and scenes.data.group_by == ""
+    assert scenes.data.image_size == faces.data.image_size == 64  # sized for a CPU
 
 
 def test_paper_preset_holds_the_papers_values():

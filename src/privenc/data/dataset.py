@@ -36,6 +36,12 @@ def open_source(cfg: DataConfig) -> Source:
     """The :class:`Source` that ``cfg.source`` names; empty ``cfg.groups`` = its own groups."""
     groups = cfg.groups or None
     check_files = not cfg.skip_bad_images  # else missing files become skipped bad images
+    kind = {"places365": "Places-365 root", "folder": "image folder root", "csv": "CSV manifest"}.get(cfg.source)
+    if kind and cfg.root and not Path(cfg.root).exists():
+        # Presets name shared data relative to the current folder: say where that resolved to.
+        where = "" if Path(cfg.root).is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise DataError(f"{kind} {cfg.root} does not exist{where}; point data.root at it, e.g. "
+                        f"--set data.root=/path/to/{Path(cfg.root).name}")
     if cfg.source == "synthetic":
         from privenc.data.synthetic import SyntheticSource  # written separately; imported on use
 
