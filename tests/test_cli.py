@@ -65,6 +65,19 @@ def test_train_and_verify_without_a_task_say_which_setting_names_one(tmp_path, c
     assert "no task; give --task" in capsys.readouterr().err and not (tmp_path / "v").exists()
 
 
+def test_the_demo_fallback_brings_no_synthetic_task_to_other_data(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a/0.png", "b/0.png", "b/1.png"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name)
+    photos = ["--set", "data.source=folder", "--set", f"data.root={tmp_path / 'photos'}"]
+    assert main(["-q", "train", *photos, "--set", "train.desirable=b", "--out", str(tmp_path / "run")]) == 2
+    assert "no private task: set train.private" in capsys.readouterr().err  # not: unknown category 'g1c0'
+    assert main(["-q", "verify", "identity", *photos, "--out", str(tmp_path / "v")]) == 2
+    assert "no task; give --task" in capsys.readouterr().err
+
+
 def test_train_verify_report_through_the_cli(tmp_path, capsys):
     sets = sum((["--set", s] for s in TINY), [])
     run = tmp_path / "run"

@@ -30,6 +30,22 @@ def _config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _demo_config(overrides: list[str]):
+    """The demo preset, which commands given no --config fall back to. Its tasks are synthetic
+    category names: when --set points the data at another source they are dropped, unless --set
+    names them too, so that only tasks the user chose reach that source."""
+    from privenc.config import load_config
+
+    config = load_config("demo", overrides)
+    if config.data.source != "synthetic":
+        named = {item.partition("=")[0].strip() for item in overrides}
+        for key in ("train.private", "train.desirable", "verify.tasks"):
+            if key not in named:
+                section, _, name = key.partition(".")
+                setattr(getattr(config, section), name, [])
+    return config
+
+
 # --------------------------------------------------------------------------- subcommands
 
 
@@ -138,8 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if foreign and not (run_dir / "config.toml").is_file() and int(os.environ.get("RANK", "0")) == 0:
             raise ConfigError(f"{run_dir} is not empty and not a training run folder (it holds {foreign[0]!r}); "
                               f"give a new or empty --out")
-        args.config = args.config or "demo"
-        config = _config_from_args(args)
+        config = _config_from_args(args) if args.config else _demo_config(args.overrides)
         path = train(config, run_dir, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"encoder: {path}")
@@ -168,8 +183,7 @@ def _verification_config(args: argparse.Namespace, encoders: list[str]):
     if args.config is not None:
         return _config_from_args(args)
     if not runs:
-        args.config = "demo"
-        return _config_from_args(args)
+        return _demo_config(args.overrides)
     args.config = str(runs[0] / "config.toml")
     config = _config_from_args(args)
     log.info("verification settings from %s (no --config given)", args.config)
