@@ -39,6 +39,45 @@ def test_data_inspect_synthetic(capsys):
     assert "g1c0" in out and "g2c7" in out
 
 
+def test_data_inspect_uses_only_the_tasks_someone_chose(tmp_path, capsys):
+    from PIL import Image
+
+    csv = tmp_path / "faces.csv"
+    for name in "abcd":
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    csv.write_text("path,gender\na.png,f\nb.png,m\nc.png,f\nd.png,m\n")
+    assert main(["-q", "data", "inspect", str(csv)]) == 0  # was: task 'g1c0': unknown category 'g1c0'
+    out = capsys.readouterr().out
+    assert "gender (the category): 2 values" in out and "task " not in out
+    assert main(["-q", "data", "inspect", str(csv), "--task", "attribute:gender"]) == 0
+    assert "task attribute:gender (categorical, 2 classes):" in capsys.readouterr().out
+    assert main(["-q", "data", "inspect", "--config", "demo", "--set", "data.synthetic_per_category=3"]) == 0
+    assert "task g1c0 (detect, 2 classes):" in capsys.readouterr().out  # the preset's own tasks
+
+
+def test_train_and_verify_without_a_task_say_which_setting_names_one(tmp_path, capsys):
+    config = tmp_path / "no-task.toml"
+    config.write_text('[data]\nsource = "synthetic"\n')
+    assert main(["-q", "train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "no private task: set train.private" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["-q", "verify", "identity", "--config", str(config), "--out", str(tmp_path / "v")]) == 2
+    assert "no task; give --task" in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
+def test_the_demo_fallback_brings_no_synthetic_task_to_other_data(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a/0.png", "b/0.png", "b/1.png"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / name)
+    photos = ["--set", "data.source=folder", "--set", f"data.root={tmp_path / 'photos'}"]
+    assert main(["-q", "train", *photos, "--set", "train.desirable=b", "--out", str(tmp_path / "run")]) == 2
+    assert "no private task: set train.private" in capsys.readouterr().err  # not: unknown category 'g1c0'
+    assert main(["-q", "verify", "identity", *photos, "--out", str(tmp_path / "v")]) == 2
+    assert "no task; give --task" in capsys.readouterr().err
+
+
 def test_train_verify_report_through_the_cli(tmp_path, capsys):
     sets = sum((["--set", s] for s in TINY), [])
     run = tmp_path / "run"

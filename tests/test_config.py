@@ -2,15 +2,44 @@
 
 import pytest
 
-from privenc.config import Config, from_dict, load_config, preset_names
+from privenc.config import Config, config_diff, from_dict, load_config, preset_names
 from privenc.errors import ConfigError
 from privenc.runs import write_config
 
 
 def test_presets_are_shipped_and_load():
-    assert {"demo", "paper", "places-mini"} <= set(preset_names())
+    assert {"demo", "paper", "places-mini", "scenes", "faces"} <= set(preset_names())
     for name in preset_names():
         assert isinstance(load_config(name), Config)
+
+
+def test_the_defaults_name_no_task():
+    # Task names belong to a source: a synthetic default would leak into every config without
+    # a [train] section (issue 17); presets name their own.
+    config = load_config(None, ['data.source="folder"', 'data.root="photos"'])
+    assert config.train.private == [] and config.train.desirable == [] and config.verify.tasks == []
+    assert all(load_config(name).train.private for name in preset_names())
+
+
+def test_a_key_an_older_run_lacks_counts_as_its_default():
+    new = load_config("demo").to_dict()
+    old = load_config("demo").to_dict()
+    del old["data"]["group_by"]  # a run from before data.group_by: it split per image
+    assert config_diff(old, new) == []
+    new["data"]["group_by"] = "person"
+    assert config_diff(old, new) == ["data.group_by: '' -> 'person'"]
+
+
+def test_scenes_and_faces_presets_name_the_shared_sets_and_their_tasks():
+    scenes, faces = load_config("scenes"), load_config("faces")
+    assert (scenes.data.source, scenes.data.root) == ("folder", "../shared/data/intel-scenes")
+    assert (scenes.train.private, scenes.train.desirable) == (["street"], ["buildings"])
+    assert sorted(scenes.verify.tasks) == ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    assert (faces.data.source, faces.data.root) == ("csv", "../shared/data/lfw-faces/attributes.csv")
+    assert (faces.train.private, faces.train.desirable) == (["attribute:gender"], ["attribute:smiling"])
+    assert faces.verify.tasks == ["attribute:gender", "attribute:smiling", "attribute:expression"]
+    assert faces.data.group_by == "person" and scenes.data.group_by == ""
+    assert scenes.data.image_size == faces.data.image_size == 64  # sized for a CPU
 
 
 def test_paper_preset_holds_the_papers_values():

@@ -378,6 +378,53 @@ def test_inspect_report(tmp_path):
     assert "task attribute:category (categorical, 4 classes):" in report
 
 
+def make_faces_csv(root: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """A CSV manifest ``path,gender,smiling,person`` over tiny noise images, one per row."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["path,gender,smiling,person"]
+    for k, (gender, smiling, person) in enumerate(rows):
+        Image.fromarray(np.full((14, 14, 3), k % 256, dtype=np.uint8)).save(root / "img" / f"{k:03d}.png")
+        lines.append(f"img/{k:03d}.png,{gender},{smiling},{person}")
+    (root / "faces.csv").write_text("\n".join(lines) + "\n")
+    return root / "faces.csv"
+
+
+def test_inspect_describes_a_csv_without_tasks(tmp_path):
+    rows = [("m", "yes", "ann")] * 6 + [("m", "", "bob")] * 3 + [("f", "no", "cy")] * 3
+    csv = make_faces_csv(tmp_path, rows)
+    report = inspect(DataConfig(source="csv", root=str(csv), load_size=12, image_size=10))
+    assert "images: 12 in 2 categories (column 'gender': splits are stratified by it)" in report
+    assert "  f             3  25.0%" in report and "  m             9  75.0%" in report
+    assert "gender (the category): 2 values, majority m 75.0%" in report
+    assert "smiling: 2 values, majority yes 66.7%, 3 unknown" in report  # of the 9 known
+    assert "yes 6 (66.7%), no 3 (33.3%)" in report
+    assert "person: 3 values, majority ann 50.0%" in report
+    assert "task " not in report  # no task named, none described
+
+
+def test_grouped_splits_are_recorded_and_inspected(tmp_path):
+    rows = [("m" if p % 2 else "f", "yes" if k % 2 else "no", f"p{p}") for p in range(10) for k in range(p % 3 + 1)]
+    cfg = DataConfig(source="csv", root=str(make_faces_csv(tmp_path, rows)), load_size=12, image_size=10,
+                     group_by="person", split=[0.6, 0.2, 0.2], cache_dir=str(tmp_path / "cache"))
+    data = prepare(cfg, ["attribute:smiling"])
+    data.write(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "tasks.json").read_text())
+    assert summary["group_by"] == "person" and sum(summary["groups_per_split"].values()) == 10
+    person_of = dict(zip(data.source.ids, data.source.attributes["person"]))
+    people = [{person_of[i] for i in (tmp_path / "run" / "splits" / f"{s}.txt").read_text().split()} for s in data.splits]
+    assert sum(map(len, people)) == len(set().union(*people)) == 10  # every person in exactly one split file
+    report = inspect(cfg)
+    assert "disjoint by person: 10 groups (train " in report and "none in two splits" in report
+
+
+def test_inspect_summarizes_an_attribute_with_many_values(tmp_path):
+    rows = [("m", "yes", f"p{k:02d}") for k in range(11)] + [("f", "no", "p00")] * 3
+    report = inspect(DataConfig(source="csv", root=str(make_faces_csv(tmp_path, rows)), load_size=12, image_size=10))
+    assert "person: 11 values, majority p00 28.6%" in report
+    assert "p00 4 (28.6%), p01 1 (7.1%), p02 1 (7.1%), p03 1 (7.1%), p04 1 (7.1%), ..." in report
+    assert "images per value: min 1, median 1, max 4; 0 values with at least 10 images" in report
+
+
 @pytest.mark.skipif(not MINI.is_dir(), reason=f"places365-mini not found at {MINI}")
 def test_prepare_places_mini(tmp_path):
     cfg = DataConfig(source="places365", root=str(MINI), groups={"group1": ["army_base", "airport_terminal", "arch"]},

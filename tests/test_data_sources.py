@@ -398,3 +398,50 @@ def test_csv_missing_file_deferred_without_check(tmp_path):
     source = CsvSource(csv_path, "gender", check_files=False)
     with pytest.raises(DataError, match=r"image file missing: .*gone\.jpg"):
         source.load(1)
+
+
+# --------------------------------------------------------------------------- the scenes and faces presets
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+
+
+@pytest.mark.parametrize(("preset", "kind", "folder"), [("scenes", "image folder root", "intel-scenes"),
+                                                          ("faces", "CSV manifest", "attributes.csv")])
+def test_a_preset_whose_shared_folder_is_absent_says_how_to_set_data_root(tmp_path, monkeypatch, preset, kind, folder):
+    from privenc.config import load_config
+    from privenc.data import open_source
+
+    monkeypatch.chdir(tmp_path)  # the presets name ../shared/data/..., relative to the current folder
+    message = (rf"{kind} \.\./shared/data/.*{folder} does not exist \(relative to the current folder {tmp_path}\); "
+               rf"point data.root at it, e\.g\. --set data\.root=/path/to/{folder}")
+    with pytest.raises(DataError, match=message):
+        open_source(load_config(preset).data)
+
+
+@pytest.mark.skipif(not (SHARED / "intel-scenes").is_dir(), reason=f"intel-scenes not found under {SHARED}")
+def test_scenes_preset_tasks_on_the_real_photos():
+    from privenc.config import load_config
+    from privenc.data import open_source
+
+    config = load_config("scenes", [f"data.root={SHARED / 'intel-scenes'}"])
+    source = open_source(config.data)
+    assert len(source) == 17039 and source.groups == {"all": sorted(config.verify.tasks)}
+    street = parse_task(config.train.private[0], source)
+    assert street.positive == "street" and len(street.negatives) == 5
+    assert source.load(0).shape == (96, 96, 3)
+
+
+@pytest.mark.skipif(not (SHARED / "lfw-faces").is_dir(), reason=f"lfw-faces not found under {SHARED}")
+def test_faces_preset_splits_by_person_on_the_real_photos():
+    from privenc.config import load_config
+    from privenc.data import make_splits, open_source
+
+    config = load_config("faces", [f"data.root={SHARED / 'lfw-faces' / 'attributes.csv'}"])
+    source = open_source(config.data)
+    for spec in [*config.train.private, *config.train.desirable, *config.verify.tasks]:
+        parse_task(spec, source)
+    splits = make_splits(source, config.data.split, config.data.seed, group_by=config.data.group_by)
+    people = [{source.attributes["person"][i] for i in splits[s].tolist()} for s in ("train", "val", "test")]
+    assert sum(map(len, people)) == len(set().union(*people)) == 5605  # nobody in two splits
+    for split, share in zip(splits, config.data.split):
+        assert abs(len(splits[split]) - share * len(source)) < 10, split

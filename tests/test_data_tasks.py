@@ -3,6 +3,7 @@ deterministic, recorded and read back) on a tiny in-memory source."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from privenc.data.base import Source
+from privenc.data.manifest import CsvSource
 from privenc.data.splits import make_splits, read_splits, split_counts, write_splits
 from privenc.data.tasks import Task, combine_tasks, parse_task, select
 from privenc.errors import DataError
@@ -214,6 +216,63 @@ def test_tiny_categories_and_bad_fractions(caplog):
         make_splits(source, [0.9, 0.1, 0.0], seed=0)
     with pytest.raises(DataError, match="three non-negative numbers summing to 1"):
         make_splits(source, [0.5, 0.5], seed=0)
+
+
+def test_per_image_splits_are_unchanged_bit_for_bit():
+    # The digest of the splits as made before data.group_by existed (commit 3ba3088): without
+    # the option, runs keep the splits they had.
+    digest = hashlib.sha256()
+    for seed in (0, 3):
+        for name, indices in make_splits(scenes(), FRACTIONS, seed=seed, max_per_category=90).items():
+            digest.update(name.encode())
+            digest.update(indices.tobytes())
+    assert digest.hexdigest()[:16] == "c633173c1bffefaf"
+
+
+def people_csv(tmp_path, people: int = 40) -> CsvSource:
+    """A CSV of ``people`` persons with 1 to 8 photos each, of one gender each (no files)."""
+    rng = np.random.default_rng(1)
+    lines = ["path,gender,person"]
+    for p in range(people):
+        gender = "f" if p % 3 == 0 else "m"
+        lines += [f"img/{p}_{k}.jpg,{gender},person{p}" for k in range(int(rng.integers(1, 9)))]
+    (tmp_path / "people.csv").write_text("\n".join(lines) + "\n")
+    return CsvSource(tmp_path / "people.csv", check_files=False)
+
+
+def test_group_splits_keep_each_person_in_one_split_near_the_fractions(tmp_path):
+    source = people_csv(tmp_path)
+    splits = make_splits(source, FRACTIONS, seed=0, group_by="person")
+    together = np.concatenate(list(splits.values()))
+    assert len(together) == len(np.unique(together)) == len(source)  # disjoint and complete
+    people = {s: {source.attributes["person"][i] for i in splits[s].tolist()} for s in splits}
+    assert not (people["train"] & people["val"] or people["train"] & people["test"] or people["val"] & people["test"])
+    for s, share in zip(splits, FRACTIONS):
+        for gender in ("f", "m"):
+            n = sum(1 for g in source.attributes["gender"] if g == gender)
+            got = sum(1 for i in splits[s].tolist() if source.attributes["gender"][i] == gender)
+            assert abs(got - share * n) <= 8, (s, gender, got, share * n)  # within one person's photos
+    again = make_splits(source, FRACTIONS, seed=0, group_by="person")
+    assert all(np.array_equal(splits[s], again[s]) for s in splits)
+    other = make_splits(source, FRACTIONS, seed=1, group_by="person")
+    assert not np.array_equal(splits["test"], other["test"])
+    assert not np.array_equal(splits["test"], make_splits(source, FRACTIONS, seed=0)["test"])
+
+
+def test_group_splits_name_a_missing_or_empty_column(tmp_path):
+    source = people_csv(tmp_path, people=6)
+    with pytest.raises(DataError, match=r"data\.group_by = 'persn': the csv source has no such column; its attributes "
+                                        r"are gender, person; did you mean 'person'\?"):
+        make_splits(source, FRACTIONS, seed=0, group_by="persn")
+    source.attributes["person"][2] = ""
+    with pytest.raises(DataError, match=r"image 'img/.*' has no person \(an empty cell\)"):
+        make_splits(source, FRACTIONS, seed=0, group_by="person")
+
+
+def test_group_splits_too_few_groups(tmp_path):
+    source = FakeSource({"a": 6}, {"g": ["a"]}, person=["x"] * 3 + ["y"] * 3)
+    with pytest.raises(DataError, match=r"2 groups for 6 images leave the \w+ split empty"):
+        make_splits(source, FRACTIONS, seed=0, group_by="person")
 
 
 def test_splits_written_and_read_back(tmp_path):

@@ -15,7 +15,15 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
-from privenc.models import BlurEncoder, Classifier, Encoder, IdentityEncoder, build_attacker, build_encoder, receptive_field
+from privenc.models import (
+    BlurEncoder,
+    Classifier,
+    Encoder,
+    IdentityEncoder,
+    build_attacker,
+    build_encoder,
+    receptive_field,
+)
 from privenc.norms import BiasFreeBatchNorm2d, GlobalBatchNorm2d, PerLocationBatchNorm, make_norm
 
 TINY = EncoderConfig(stages=[[4, 4], [4]], kernel_size=3, final_kernel_size=3, out_channels=3)

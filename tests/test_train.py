@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import on_device
 from torch import nn
 
-from conftest import on_device
 from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import on_device
+
 from privenc.grid import cell_dir, collect, run_grid
 from privenc.models import BlurEncoder
 from privenc.report import build_report, equalize

@@ -29,6 +29,22 @@ def _config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _demo_config(overrides: list[str]):
+    """The demo preset, which commands given no --config fall back to. Its tasks are synthetic
+    category names: when --set points the data at another source they are dropped, unless --set
+    names them too, so that only tasks the user chose reach that source."""
+    from privenc.config import load_config
+
+    config = load_config("demo", overrides)
+    if config.data.source != "synthetic":
+        named = {item.partition("=")[0].strip() for item in overrides}
+        for key in ("train.private", "train.desirable", "verify.tasks"):
+            if key not in named:
+                section, _, name = key.partition(".")
+                setattr(getattr(config, section), name, [])
+    return config
+
+
 # --------------------------------------------------------------------------- subcommands
 
 
@@ -48,7 +64,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.source:
         config = _with_source(config, args.source)
-    tasks = args.tasks or [*config.train.private, *config.train.desirable]
+    # Only tasks someone chose: --task, else a given config's own (the code defaults name none).
+    tasks = args.tasks or list(dict.fromkeys([*config.train.private, *config.train.desirable]))
     print(inspect(config.data, tasks))
     return 0
 
@@ -99,8 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("privenc train needs --out RUN (a new run folder) or --resume RUN")
         run_dir = Path(args.out)
         runs.check_new_run_folder(run_dir, world.rank)
-        args.config = args.config or "demo"
-        config = _config_from_args(args)
+        config = _config_from_args(args) if args.config else _demo_config(args.overrides)
         path = train(config, run_dir, progress=not args.no_progress)
     if world.is_main:
         print(f"encoder: {path}")
@@ -130,8 +146,7 @@ def _verification_config(args: argparse.Namespace, encoders: list[str]):
     if args.config is not None:
         return _config_from_args(args)
     if not run_dirs:
-        args.config = "demo"
-        return _config_from_args(args)
+        return _demo_config(args.overrides)
     args.config = str(run_dirs[0] / CONFIG_FILE)
     config = _config_from_args(args)
     log.info("verification settings from %s (no --config given)", args.config)
@@ -149,6 +164,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     config = _verification_config(args, [args.encoder])
     tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
+    if not tasks:  # a baseline under a config that names no task (the defaults name none)
+        from privenc.config import ConfigError
+
+        raise ConfigError(f"verify {args.encoder}: no task; give --task, or a --config whose verify.tasks or "
+                          f"train.private names some")
     verify(args.encoder, config, tasks, Path(args.out), device=args.device, progress=not args.no_progress)
     print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'verify.json'}")
@@ -263,14 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="look at a data source", description="Data tools.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    q = data_sub.add_parser("inspect", help="categories, counts per split, image sizes, task balance",
-                            description="Describe a data source: categories, counts per split, image sizes, "
-                                        "groups and the balance of each task.")
+    q = data_sub.add_parser("inspect", help="categories, attributes, counts per split, image sizes, task balance",
+                            description="Describe a data source: categories and their shares, counts per split, "
+                                        "image sizes, groups, every attribute's values with counts and unknowns, "
+                                        "and the balance of each task given with --task or named by --config.")
     q.add_argument("source", nargs="?", help="'synthetic', a Places-365 root, a class-per-folder tree or a "
                                              "CSV manifest (default: the config's data source)")
     q.add_argument("--task", dest="tasks", action="append", default=[],
-                   help="a task to describe (repeatable; default: the config's private and desirable tasks)")
-    _add_config_args(q)
+                   help="a task to describe (repeatable; default: the private and desirable tasks of --config, "
+                        "none without it)")
+    _add_config_args(q, default=None, default_help="the defaults in code: the synthetic scenes, no task")
     q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("verify", help="verify an encoder: fresh attackers trained to saturation",

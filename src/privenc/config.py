@@ -73,6 +73,9 @@ class DataConfig:
     """For csv sources: which column holds the category that splits are drawn per and binary
     detection tasks use. Left at "category": that column, or the first attribute column of a CSV
     without one."""
+    group_by: str = ""
+    """An attribute (a CSV column, e.g. "person") whose values are never split: every image with
+    the same value goes to one split, so no attacker can key on identity. Empty = per image."""
     max_per_category: int = 0
     """Use at most this many images per category (0 = all)."""
     synthetic_per_category: int = 400
@@ -116,9 +119,11 @@ class ClassifierConfig:
 class TrainConfig:
     """Adversarial training (Sec. 3 and 4.1)."""
 
-    private: list[str] = field(default_factory=lambda: ["g1c0"])
+    private: list[str] = field(default_factory=list)
     """Private tasks to inhibit. A task is a category name (binary detection: the category vs
-    the other categories of its group, balanced) or 'attribute:<column>' (categorical)."""
+    the other categories of its group, balanced) or 'attribute:<column>' (categorical). Empty by
+    default: task names belong to a data source, so a preset or the user names them (`train`
+    refuses to start without one)."""
     desirable: list[str] = field(default_factory=list)
     """Desirable tasks to keep; N of them are learned by one (N+1)-way classifier."""
     encoder_loss: str = "label_flip"
@@ -213,10 +218,16 @@ SECTIONS: dict[str, type] = {
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """``section.key: old -> new`` for every value of ``new`` (a ``Config.to_dict()``) that
-    ``old`` lacks or holds differently; ``ignore`` names keys that may differ."""
-    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+    ``old`` holds differently; ``ignore`` names keys that may differ. A key ``old`` lacks (a
+    run from before the key existed) counts as its default, which keeps the earlier behaviour."""
+    defaults = Config().to_dict()
+
+    def before(section: str, key: str) -> Any:
+        return old.get(section, {}).get(key, defaults.get(section, {}).get(key))
+
+    return [f"{section}.{key}: {before(section, key)!r} -> {value!r}"
             for section, values in new.items() for key, value in values.items()
-            if f"{section}.{key}" not in ignore and old.get(section, {}).get(key) != value]
+            if f"{section}.{key}" not in ignore and before(section, key) != value]
 
 
 def preset_names() -> list[str]:
@@ -375,7 +386,6 @@ def validate(config: Config) -> None:
              f"classifier.stages must be a non-empty list of non-empty positive width lists, got {c.stages}")
     _require(c.kernel_size % 2 == 1, "classifier.kernel_size must be odd")
 
-    _require(len(t.private) >= 1, "train.private must name at least one private task")
     _one_of("train.encoder_loss", t.encoder_loss, ENCODER_LOSSES)
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")

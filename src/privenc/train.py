@@ -26,7 +26,7 @@ from privenc.config import Config
 from privenc.data import TaskData, prepare
 from privenc.data.tasks import combine_tasks
 from privenc.data.transforms import BatchTransform
-from privenc.errors import TrainingError
+from privenc.errors import ConfigError, TrainingError
 from privenc.models import Classifier, Encoder
 from privenc.stream import BatchStream
 
@@ -126,6 +126,10 @@ class TrainingState:
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
     t = config.train
+    if not t.private:  # checked before anything is written: a config without tasks leaves no run folder
+        raise ConfigError("no private task: set train.private, e.g. --set train.private=street or "
+                          "--set train.private=attribute:gender (`privenc data inspect SOURCE` lists a source's "
+                          "categories and attributes)")
     run_dir = Path(run_dir)
     world = distributed.setup(t.device)
     device = distributed.resolve_device(t.device, world.local_rank if world.distributed else None)

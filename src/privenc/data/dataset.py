@@ -37,6 +37,12 @@ def open_source(cfg: DataConfig) -> Source:
     """The :class:`Source` that ``cfg.source`` names; empty ``cfg.groups`` = its own groups."""
     groups = cfg.groups or None
     check_files = not cfg.skip_bad_images  # else missing files become skipped bad images
+    kind = {"places365": "Places-365 root", "folder": "image folder root", "csv": "CSV manifest"}.get(cfg.source)
+    if kind and cfg.root and not Path(cfg.root).exists():
+        # Presets name shared data relative to the current folder: say where that resolved to.
+        where = "" if Path(cfg.root).is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise DataError(f"{kind} {cfg.root} does not exist{where}; point data.root at it, e.g. "
+                        f"--set data.root=/path/to/{Path(cfg.root).name}")
     if cfg.source == "synthetic":
         from privenc.data.synthetic import SyntheticSource  # written separately; imported on use
 
@@ -131,6 +137,9 @@ class TaskData:
             "source": self.source.name,
             "fingerprint": self.source.fingerprint(),
             "split_sizes": {s: int(len(i)) for s, i in self.splits.items()},
+            **({"group_by": self.config.group_by,
+                "groups_per_split": {s: len({self.source.attributes[self.config.group_by][k] for k in i.tolist()})
+                                     for s, i in self.splits.items()}} if self.config.group_by else {}),
             "pool_sizes": {s: int(len(i)) for s, i in self.indices.items()},
             "bad_images": len(self.bad_images),
             "tasks": tasks,
@@ -167,7 +176,8 @@ def prepare(cfg: DataConfig, task_specs: list[str], run_dir: Path | None = None)
         splits = {name: np.setdiff1d(split, bad) for name, split in splits.items()}
         log.info("reusing the splits of %s", run_dir)
     else:
-        splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category, exclude=np.asarray(bad, dtype=np.int64))
+        splits = make_splits(source, cfg.split, cfg.seed, cfg.max_per_category, exclude=np.asarray(bad, dtype=np.int64),
+                             group_by=cfg.group_by)
 
     indices: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}

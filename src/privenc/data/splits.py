@@ -4,6 +4,11 @@ The paper splits the official Places-365 training list into its own disjoint tra
 test sets (Sec. 4.1). Each category is shuffled by a generator seeded with (seed, category
 name), so adding a category to a dataset leaves the splits of the others unchanged, and the
 same seed always gives the same splits.
+
+With ``group_by`` (``data.group_by``: an attribute such as a CSV's ``person`` column) every
+image sharing a value of that attribute goes to one split, so that no attacker can score by
+recognizing a person it saw in training; the per-category fractions are then kept as closely
+as whole groups allow.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from privenc.atomic import atomic_write_text
-from privenc.data.base import Source
+from privenc.data.base import Source, close_matches
 from privenc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,17 +76,21 @@ def make_splits(
     seed: int,
     max_per_category: int = 0,
     exclude: np.ndarray | None = None,
+    group_by: str = "",
 ) -> dict[str, np.ndarray]:
     """Stratified, disjoint, seeded train/val/test index arrays (sorted int64).
 
     Every category with at least 3 images gets at least one image in every split; a fraction
     of 0 would leave a split empty and is an error naming the category. ``exclude`` leaves
     images out (the unreadable ones found while caching) after the per-category cut, so the
-    cut, and hence the cache, does not depend on which images turn out bad.
+    cut, and hence the cache, does not depend on which images turn out bad. ``group_by``
+    names an attribute whose values are kept whole (:func:`group_splits`); empty = per image.
     """
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     excluded = np.asarray(exclude if exclude is not None else [], dtype=np.int64)
+    if group_by:
+        return group_splits(source, fractions, seed, group_by, max_per_category, excluded)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     small = []
     for category, order in category_order(source, seed, max_per_category).items():
@@ -104,6 +113,71 @@ def make_splits(
         log.warning("categories with fewer than 3 images cannot be in every split: %s", ", ".join(small))
     splits = {name: np.sort(np.concatenate(p)).astype(np.int64) for name, p in parts.items()}
     check_disjoint(splits, source, "make_splits")
+    return splits
+
+
+def group_splits(
+    source: Source,
+    fractions: list[float],
+    seed: int,
+    group_by: str,
+    max_per_category: int = 0,
+    excluded: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Splits in which all images with the same value of attribute ``group_by`` are together.
+
+    Whole groups are dealt out largest first (ties in an order seeded by ``seed``): each goes
+    to a split drawn with probability proportional to how many images that split still lacks
+    in the group's categories (its fraction of each category, minus what it holds), or, when
+    every split is full for them, to the split it overfills least. Drawing rather than filling
+    train first spreads large groups over all splits as the fractions say, and taking large
+    groups first leaves the small ones to even out the sizes: each split ends within about one
+    small group of its fraction, per category. The per-category cut (``max_per_category``) and
+    ``excluded`` apply first, as without groups.
+    """
+    if group_by not in source.attributes:
+        raise DataError(
+            f"data.group_by = {group_by!r}: the {source.name} source has no such column; its attributes are "
+            f"{', '.join(a for a in source.attributes if a != 'category') or '(none but category)'}"
+            f"{close_matches(group_by, source.attributes)}"
+        )
+    values, categories = source.attributes[group_by], source.attributes["category"]
+    kept = np.sort(np.concatenate(list(category_order(source, seed, max_per_category).values())))
+    if excluded is not None and len(excluded):
+        kept = kept[~np.isin(kept, excluded)]
+    members: dict[str, list[int]] = {}
+    for i in kept.tolist():
+        if not values[i]:
+            raise DataError(f"data.group_by = {group_by!r}: image {source.ids[i]!r} has no {group_by} (an empty "
+                            f"cell); every image needs one to be kept with its group")
+        members.setdefault(values[i], []).append(i)
+    names = sorted(members)
+    index = {c: k for k, c in enumerate(sorted({categories[i] for i in kept.tolist()}))}
+    totals = np.bincount([index[categories[i]] for i in kept.tolist()], minlength=len(index))
+    target = np.outer(np.asarray(fractions, dtype=np.float64), totals)  # (split, category)
+    held = np.zeros_like(target)
+    rng = np.random.default_rng([seed, zlib.crc32(f"group_by:{group_by}".encode())])
+    order = sorted(rng.permutation(len(names)).tolist(), key=lambda k: -len(members[names[k]]))  # stable sort
+    parts: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for k in order:
+        group = members[names[k]]
+        count = np.bincount([index[categories[i]] for i in group], minlength=len(index)).astype(np.float64)
+        lacking = np.clip(((target - held) * count).sum(axis=1) / count.sum(), 0, None)
+        if lacking.sum() > 0:
+            split = int(rng.choice(len(SPLITS), p=lacking / lacking.sum()))
+        else:  # every split has its share of these categories: overfill the least (squared error)
+            split = int(np.argmin((count * (2 * (held - target) + count)).sum(axis=1)))
+        held[split] += count
+        parts[SPLITS[split]].extend(group)
+    empty = [name for name in SPLITS if not parts[name]]
+    if empty:
+        raise DataError(f"data.group_by = {group_by!r}: {len(names)} groups for {len(kept)} images leave the "
+                        f"{empty[0]} split empty; split per image (data.group_by = \"\") or use more data")
+    missing = [c for c, k in index.items() if totals[k] >= 3 and (held[:, k] == 0).any()]
+    if missing:
+        log.warning("with data.group_by = %r, some split has no image of: %s", group_by, ", ".join(missing))
+    splits = {name: np.sort(np.asarray(p, dtype=np.int64)) for name, p in parts.items()}
+    check_disjoint(splits, source, "group_splits")
     return splits
 
 
