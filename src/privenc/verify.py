@@ -164,7 +164,7 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
     return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
 
 
-def _freeze(module: nn.Module) -> dict[str, torch.Tensor]:
+def freeze(module: nn.Module) -> dict[str, torch.Tensor]:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -210,6 +210,17 @@ def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int,
             raise VerificationError(f"the encoder produced non-finite values (NaN or Inf) for {bad} of "
                                     f"{len(xs[split])} {split} encodings of task {data.tasks[0].name!r}")
     return Encoded(xs, ys, data.tasks[0].num_classes)
+
+
+def encode_for_attackers(encoder: LoadedEncoder, task: str, views: int, batch_size: int, device: torch.device,
+                         progress: bool = False) -> Encoded:
+    """One task's pool through the fixed encoder, on its run's splits: the same encodings
+    whatever ran before in this process (verify, a grid cell, an audit trial)."""
+    data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
+    # The augmented views come from the global generator: seed it, so that a cell's numbers
+    # do not depend on what ran before it in this process (grid order, a resumed grid).
+    torch.manual_seed(encoder.config.data.seed)
+    return encode_task(encoder.module, data, views, batch_size, device, progress)
 
 
 # --------------------------------------------------------------------------- one attacker
@@ -398,18 +409,14 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
     check_tasks(encoder.config.data, tasks)  # a typo in the last task must not wait for the others, nor leave a folder
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
-    snapshot = _freeze(encoder.module)
+    snapshot = freeze(encoder.module)
     settings = encoder.config.verify
     lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
     # A learned encoder's own private/desirable tasks are marked; a baseline has none.
-    roles = roles or (_roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
+    roles = roles or (roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
     records: list[dict[str, Any]] = []
     for task in tasks:
-        data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
-        # The augmented views come from the global generator: seed it, so that a cell's numbers
-        # do not depend on what ran before it in this process (grid order, a resumed grid).
-        torch.manual_seed(encoder.config.data.seed)
-        encoded = encode_task(encoder.module, data, settings.views, settings.batch_size, torch_device, progress)
+        encoded = encode_for_attackers(encoder, task, settings.views, settings.batch_size, torch_device, progress)
         channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
         for family in settings.attackers:
             for seed in settings.seeds:
@@ -445,7 +452,7 @@ def attacker_record(encoder: LoadedEncoder, task: str, role: str, encoded: Encod
     }
 
 
-def _roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
+def roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
     roles = {t: "private" for t in config.train.private}
     roles.update({t: "desirable" for t in config.train.desirable})
     return {t: roles.get(t, "other") for t in tasks}
