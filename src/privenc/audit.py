@@ -173,8 +173,6 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     ``result["failed"]`` lists the tasks whose worst case is more than ``fail_above`` points
     of balanced accuracy above its chance level 1/K.
     """
-    from privenc.train import resolve_device
-
     out_dir = Path(out_dir)
     if not (isinstance(margin, (int, float)) and 0 <= margin < 100):
         raise ConfigError(f"--margin is in points of balanced accuracy, from 0 to under 100; got {margin}")
@@ -237,6 +235,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        _CACHE.clear()  # the encodings of an in-process search are not needed after it
     result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "margin_points": margin,
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
               "seconds": round(time.time() - started, 1), "verdicts": verdicts,
