@@ -148,3 +148,20 @@ def test_an_unknown_task_is_refused_before_any_work(tiny_config, tmp_path):
     with pytest.raises(DataError, match="nope"):
         audit("blur", tiny_config, ["nope"], tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_identity_is_quoted_from_a_verify_folder(copy, monkeypatch, tmp_path):
+    config, out, _ = copy
+    _no_training(monkeypatch)
+    folder = tmp_path / "identity"
+    folder.mkdir()
+    weak = {"encoder": "identity", "task": "g1c0", "val_acc_best": 0.9, "val_bacc_best": 0.6, "test_bacc_best": 0.61,
+            "test_bacc_ci95": [0.5, 0.7]}
+    strong = dict(weak, val_acc_best=0.8, val_bacc_best=0.95, test_bacc_best=0.93, test_bacc_ci95=[0.88, 0.97])
+    (folder / "verify.json").write_text(json.dumps([weak, strong]))
+    result = audit("blur", config, ["g1c0"], out, margin=99.0, identity=str(folder), progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["identity_test_bacc"], verdict["identity_test_bacc_ci95"]) == (0.93, [0.88, 0.97])
+    assert "Identity 93.0%" in (out / "audit.md").read_text()
+    with pytest.raises(ConfigError, match="no Identity records for g1c1"):
+        audit("blur", config, ["g1c0", "g1c1"], out, identity=str(folder), progress=False)
