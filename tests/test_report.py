@@ -83,7 +83,8 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
 
     columns, rows = _csv(out / "report_table1.csv")
     assert columns == ["run", "encoder", "encoder_loss", "task", "within_training_val", "verified_val",
-                       "verified_test", "verified_test_ci95", "verified_saturated"]
+                       "verified_test", "verified_test_ci95", "verified_saturated", "verified_val_bacc",
+                       "verified_test_bacc", "verified_test_bacc_lo", "verified_test_bacc_hi", "majority_rate"]
     assert len(rows) == len(saved["table1"]) == 1
     for row, expected in zip(rows, saved["table1"]):
         for column in columns:
@@ -94,14 +95,15 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
 
     columns, rows = _csv(out / "report_table2.csv")
     assert columns == ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
-                       "info_bits"]
+                       "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance"]
     cells = {(r["encoder"], r["task"]): r for r in rows}
     assert set(cells) == {("identity", "g1c0"), ("one", "g1c0"), ("one", "g1c1")}
     for table_row in saved["table2"]:
         for task, cell in table_row["cells"].items():
             row = cells[(table_row["encoder"], task)]
             assert row["label"] == table_row["label"] and row["role"] == cell["role"]
-            for key in ("test_acc", "ci95", "n_test", "saturated", "chance", "info_bits"):
+            for key in ("test_acc", "ci95", "n_test", "saturated", "chance", "info_bits", "test_bacc", "test_bacc_lo",
+                        "test_bacc_hi", "bacc_chance"):
                 assert _number(row[key]) == cell[key], key
 
     columns, rows = _csv(out / "report_ablation.csv")
@@ -117,7 +119,8 @@ def test_one_private_task_keeps_the_paper_shape(one_private, tmp_path):
     build_report(one_private, tmp_path / "report", figures=False)
     text = (tmp_path / "report" / "report.md").read_text()
     assert ("| run | encoder | encoder loss | within training, val | verification, val "
-            "| verification, test (95% CI) |\n|---|---|---|---|---|---|\n| one | -g1c0 +g1c1 | label_flip | 75.0% "
+            "| verification, test (95% CI) | verification, val balanced | verification, test balanced (95% CI) "
+            "| majority rate |\n|---|---|---|---|---|---|---|---|---|\n| one | -g1c0 +g1c1 | label_flip | 75.0% "
             "| 70.0% | 65.0% ± ") in text
     assert ("| run | normalization | output var ~0 | output var < 0.5 | private test acc | desirable test acc |\n"
             "|---|---|---|---|---|---|\n| one | ") in text
@@ -178,3 +181,21 @@ def test_a_trained_run_with_two_private_tasks_reports_both(tmp_path):
     assert second["within_training_val"] == pytest.approx(sum(logged) / len(logged))
     _, rows = _csv(tmp_path / "report" / "report_table1.csv")
     assert [r["task"] for r in rows] == ["g1c0", "g1c2"]
+
+
+def test_balanced_accuracy_reaches_both_tables_and_chooses_the_strongest(tmp_path):
+    run = _run(tmp_path / "in" / "one", [], [[0.5] * 8])
+    # resnet: better plain validation accuracy, paper: better balanced; paper must be the one shown
+    paper = dict(_record("one", "g1c0", "private", 0.6, 0.55), val_bacc_best=0.62, test_bacc_best=0.58,
+                 test_bacc_ci95=[0.47, 0.69], bacc_chance=0.5, chance=0.7)
+    resnet = dict(_record("one", "g1c0", "private", 0.7, 0.65, "resnet"), val_bacc_best=0.52, test_bacc_best=0.51,
+                  test_bacc_ci95=[0.45, 0.57], bacc_chance=0.5, chance=0.7)
+    report = build_report([run, _verified(tmp_path / "in" / "v", [resnet, paper])], tmp_path / "r", figures=False)
+    (row,) = report["table1"]
+    assert (row["verified_test"], row["verified_test_bacc"], row["verified_test_bacc_lo"],
+            row["verified_test_bacc_hi"], row["majority_rate"]) == (0.55, 0.58, 0.47, 0.69, 0.7)
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| 60.0% | 55.0% ± " in text and "| 62.0% | 58.0% [47.0, 69.0] | 70.0% |" in text
+    assert "−0.550 ±0.15; bal. 0.580 [0.470, 0.690]" in text
+    _, rows = _csv(tmp_path / "r" / "report_table2.csv")
+    assert (rows[0]["test_bacc"], rows[0]["test_bacc_lo"], rows[0]["bacc_chance"]) == ("0.58", "0.47", "0.5")

@@ -211,3 +211,74 @@ def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
     assert [row[1] for row in nhwc.curve] == [row[1] for row in plain.curve]
     assert nhwc.test_acc_best == plain.test_acc_best > 0.6
     assert abs(nhwc.test_ce_best - plain.test_ce_best) < 1e-4
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_a_known_confusion_matrix():
+    from privenc.adversarial import balanced_accuracy
+    from privenc.verify import balanced_accuracy_chance
+
+    # class 0: 8 images, 6 right; class 1: 2 images, 1 right; class 2: 5 images, 5 right
+    labels = torch.tensor([0] * 8 + [1] * 2 + [2] * 5)
+    predictions = torch.tensor([0] * 6 + [1, 2] + [1, 0] + [2] * 5)
+    assert balanced_accuracy(predictions, labels) == pytest.approx((6 / 8 + 1 / 2 + 5 / 5) / 3)
+    assert float((predictions == labels).float().mean()) == pytest.approx(12 / 15)  # accuracy differs
+    # always answering the majority class: accuracy 8/15, balanced 1/3 = the balanced chance level
+    assert balanced_accuracy(torch.zeros(15, dtype=torch.long), labels) == pytest.approx(1 / 3)
+    assert balanced_accuracy_chance(labels) == pytest.approx(1 / 3)
+
+
+def test_bootstrap_interval_contains_the_point_and_narrows_with_more_test_images():
+    from privenc.adversarial import balanced_accuracy
+    from privenc.verify import bootstrap_balanced_accuracy
+
+    generator = torch.Generator().manual_seed(1)
+    widths = []
+    for n in (100, 1600):
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        right = torch.rand(n, generator=generator) < 0.7  # a 70%-right attacker
+        predictions = torch.where(right, labels, 1 - labels)
+        point = balanced_accuracy(predictions, labels)
+        lo, hi = bootstrap_balanced_accuracy(predictions, labels)
+        assert lo < point < hi
+        assert bootstrap_balanced_accuracy(predictions, labels) == [lo, hi]  # a fixed seed
+        widths.append(hi - lo)
+    # 16x the images: about a quarter of the width (the binomial half-width at n=100 is 0.09)
+    assert 0.12 < widths[0] < 0.24 and widths[1] < widths[0] / 3
+
+
+def test_the_strongest_attacker_is_chosen_by_validation_balanced_accuracy():
+    from privenc.verify import strongest
+
+    base = {"encoder": "e", "task": "t"}
+    # a: better plain validation accuracy (majority-class answers), b: better balanced
+    a = dict(base, attacker="a", val_acc_best=0.80, val_bacc_best=0.55)
+    b = dict(base, attacker="b", val_acc_best=0.70, val_bacc_best=0.65)
+    assert strongest([a, b])[("e", "t")]["attacker"] == "b"
+    # records written before balanced accuracy was recorded: chosen by accuracy, as they were
+    old = [{k: v for k, v in r.items() if k != "val_bacc_best"} for r in (a, b)]
+    assert strongest(old)[("e", "t")]["attacker"] == "a"
+
+
+def test_the_kept_checkpoint_is_the_one_with_the_best_validation_balanced_accuracy(tiny_config):
+    from dataclasses import replace
+
+    from privenc.models import Classifier
+    from privenc.verify import Encoded, fit_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    # unbalanced labels (80% class 0) with a learnable signal
+    y = {split: (torch.rand(n, generator=generator) < 0.2).long() for split, n in (("train", 200), ("val", 60),
+                                                                                    ("test", 60))}
+    x = {split: torch.randn(len(labels), 3, 8, 8, generator=generator) + 0.2 * labels.view(-1, 1, 1, 1)
+         for split, labels in y.items()}
+    settings = replace(tiny_config.verify, max_iters=60, eval_every=5, patience=50)
+    torch.manual_seed(0)
+    result = fit_classifier(Classifier(tiny_config.classifier, 3, 2, 8), Encoded(x, y, 2), settings, 1e-3, 0,
+                            torch.device("cpu"))
+    val_baccs = [row[3] for row in result.curve]
+    assert result.val_bacc_best == pytest.approx(max(val_baccs))
+    first_best = val_baccs.index(max(val_baccs))
+    assert result.val_acc_best == pytest.approx(result.curve[first_best][1])  # that checkpoint's accuracy
+    assert result.val_acc_best < max(row[1] for row in result.curve)  # here not the best-accuracy one
+    lo, hi = result.test_bacc_ci95
+    assert lo <= result.test_bacc_best <= hi

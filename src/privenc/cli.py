@@ -200,6 +200,23 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from privenc.audit import audit
+
+    config = _verification_config(args, [args.encoder])
+    tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
+    result = audit(args.encoder, config, tasks, Path(args.out), margin=args.margin, max_rounds=args.max_rounds,
+                   max_minutes=args.max_minutes, jobs=args.jobs, identity=args.identity, fail_above=args.fail_above,
+                   device=args.device, progress=not args.no_progress)
+    print((Path(args.out) / "audit.md").read_text(), end="")
+    print(f"results: {Path(args.out) / 'audit.json'}")
+    if result["failed"]:
+        print(f"privenc: audit: worst case above --fail-above {args.fail_above:g} points for "
+              f"{', '.join(result['failed'])}", file=sys.stderr)
+        return 1  # the CI gate; errors exit 2
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from privenc.report import build_report
 
@@ -320,6 +337,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("audit", help="the worst case over the attacker zoo, searched until it stops rising",
+                       description="Search for the strongest attacker of a fixed encoder: round 0 is plain "
+                                   "verification with the encoder's [verify] settings; each next round trains the "
+                                   "whole zoo (paper, wide, mlp, linear) with 2x the patience and iterations, 2x "
+                                   "the views (up to 8), one more seed per round and more learning rates (1e-3, 1e-4, then "
+                                   "1e-5), until a round raises the best validation balanced accuracy by less "
+                                   "than --margin, or the budget runs out (then the verdict says 'not "
+                                   "converged'). The attacker chosen on validation is reported on test: balanced "
+                                   "accuracy (mean per-class recall) with a bootstrap 95% interval, accuracy, "
+                                   "the majority rate and bits. Resumable: finished attackers are kept in "
+                                   "OUT/trials and a rerun (also with a larger budget) reuses them. Exit status "
+                                   "1 when --fail-above is exceeded, 2 on an error.")
+    p.add_argument("encoder", help="a training run folder or its encoder.pt, 'identity' or 'blur'")
+    p.add_argument("--task", dest="tasks", action="append", default=[],
+                   help="a task to audit (repeatable; default: verify.tasks, else the run's private and desirable "
+                        "tasks)")
+    p.add_argument("--out", required=True, help="audit folder (audit.json, audit.md, trials/); a rerun continues it")
+    p.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
+                   help="converged when a round raises the best validation balanced accuracy by less than this "
+                        "many points (default 1.0)")
+    p.add_argument("--max-rounds", type=_positive, default=3,
+                   help="at most this many rounds, round 0 included (default 3)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
+                   help="start no new round after this many minutes of this call (default: no limit)")
+    p.add_argument("--jobs", type=_positive, default=1, help="attackers of a round in parallel processes (default 1)")
+    p.add_argument("--identity", metavar="compute|FOLDER",
+                   help="quote Identity (raw images) beside the worst case: 'compute' verifies it with the same "
+                        "data and [verify] settings into OUT/identity, or give a verify or grid folder holding it")
+    p.add_argument("--fail-above", type=float, metavar="X",
+                   help="exit with status 1 when a task's worst case is more than X points of balanced accuracy "
+                        "above its chance level 1/K (K classes; on balanced tasks 1/K is the majority rate)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="tables and figures from run and grid folders",
                        description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "

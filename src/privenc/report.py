@@ -102,6 +102,10 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None or hi is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def _several_private(runs: list[dict[str, Any]]) -> bool:
     """Whether some run inhibits more than one task: the tables then name the private task."""
     return any(len(run["private"]) > 1 for run in runs)
@@ -116,6 +120,7 @@ def table1(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
         for task in run["private"]:
             verified = best.get((run["name"], task)) or {}
             ci95 = wilson_halfwidth(verified["test_acc_best"], verified["n_test"]) if verified else None
+            lo, hi = verified.get("test_bacc_ci95") or (None, None)
             rows.append({
                 "run": run["name"], "encoder": encoder_label(run), "encoder_loss": run["encoder_loss"], "task": task,
                 "within_training_val": run["within_val_private_accs"][task],
@@ -123,19 +128,28 @@ def table1(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
                 "verified_test": verified.get("test_acc_best"),
                 "verified_test_ci95": ci95,
                 "verified_saturated": verified.get("saturated"),
+                # balanced accuracy beside (absent from verify.json written before it was recorded)
+                "verified_val_bacc": verified.get("val_bacc_best"),
+                "verified_test_bacc": verified.get("test_bacc_best"),
+                "verified_test_bacc_lo": lo, "verified_test_bacc_hi": hi,
+                "majority_rate": verified.get("chance"),
             })
     # A private-task column only where some run has several (one private task: the paper's shape).
     named = _several_private(runs)
     task_head, task_rule = (" private task |", "---|") if named else ("", "")
     lines = [f"| run | encoder | encoder loss |{task_head} within training, val | verification, val "
-             "| verification, test (95% CI) |",
-             f"|---|---|---|{task_rule}---|---|---|"]
+             "| verification, test (95% CI) | verification, val balanced | verification, test balanced (95% CI) "
+             "| majority rate |",
+             f"|---|---|---|{task_rule}---|---|---|---|---|---|"]
     for r in rows:
         note = "" if r["verified_saturated"] in (None, True) else " (not saturated)"
         task_cell = f" {r['task']} |" if named else ""
         lines.append(f"| {r['run']} | {r['encoder']} | {r['encoder_loss']} |{task_cell} "
                      f"{_pct(r['within_training_val'])} | {_pct(r['verified_val'])} "
-                     f"| {_pct(r['verified_test'])}{_pm(r['verified_test_ci95'])}{note} |")
+                     f"| {_pct(r['verified_test'])}{_pm(r['verified_test_ci95'])}{note} "
+                     f"| {_pct(r['verified_val_bacc'])} | {_pct(r['verified_test_bacc'])}"
+                     f"{_interval(r['verified_test_bacc_lo'], r['verified_test_bacc_hi'])} "
+                     f"| {_pct(r['majority_rate'])} |")
     return "\n".join(lines), rows
 
 
@@ -160,16 +174,21 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
             mark = {"private": "−", "desirable": "+"}.get(r["role"], "")
             star = "" if r["saturated"] else "*"
             ci = wilson_halfwidth(r["test_acc_best"], r["n_test"])
-            cells.append(f"{mark}{r['test_acc_best']:.3f}{star} ±{ci:.2f}")
+            lo, hi = r.get("test_bacc_ci95") or (None, None)
+            balanced = "" if lo is None else f"; bal. {r['test_bacc_best']:.3f} [{lo:.3f}, {hi:.3f}]"
+            cells.append(f"{mark}{r['test_acc_best']:.3f}{star} ±{ci:.2f}{balanced}")
             row["cells"][task] = {"test_acc": r["test_acc_best"], "ci95": ci, "n_test": r["n_test"],
                                   "role": r["role"], "saturated": r["saturated"],
-                                  "chance": r["chance"], "info_bits": r["info_bits"]}
+                                  "chance": r["chance"], "info_bits": r["info_bits"],
+                                  "test_bacc": r.get("test_bacc_best"), "test_bacc_lo": lo, "test_bacc_hi": hi,
+                                  "bacc_chance": r.get("bacc_chance")}
         # A run's label says what it hides and keeps; a verify folder given without its run has none.
         name = f"{enc} ({labels[enc]})" if enc in labels and enc not in order else enc
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         rows.append(row)
     lines.append("")
-    lines.append("− = a private task of that encoder, + = a desirable task; * = attacker not saturated.")
+    lines.append("− = a private task of that encoder, + = a desirable task; * = attacker not saturated; "
+                 "bal. = balanced accuracy [bootstrap 95% interval].")
     return "\n".join(lines), rows
 
 
@@ -207,10 +226,12 @@ def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]]) ->
 # --------------------------------------------------------------------------- CSV
 
 
+# Balanced-accuracy columns come last, so that readers of the earlier columns keep working.
 TABLE1_COLUMNS = ["run", "encoder", "encoder_loss", "task", "within_training_val", "verified_val", "verified_test",
-                  "verified_test_ci95", "verified_saturated"]
+                  "verified_test_ci95", "verified_saturated", "verified_val_bacc", "verified_test_bacc",
+                  "verified_test_bacc_lo", "verified_test_bacc_hi", "majority_rate"]
 TABLE2_COLUMNS = ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
-                  "info_bits"]
+                  "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance"]
 ABLATION_COLUMNS = ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test"]
 
 
@@ -260,7 +281,8 @@ def figure1(records: list[dict[str, Any]], task: str, path: Path) -> Path:
         if t != task or not r["curve"]:
             continue
         curve = np.asarray(r["curve"])
-        ax.plot(curve[:, 0], curve[:, 1], label=f"{enc} ({r['attacker']})")
+        # balanced accuracy (4th column) where recorded: the measure the attacker was chosen by
+        ax.plot(curve[:, 0], curve[:, 3 if curve.shape[1] > 3 else 1], label=f"{enc} ({r['attacker']})")
         if r.get("lr_dropped_at"):
             ax.axvline(r["lr_dropped_at"], color=ax.lines[-1].get_color(), linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
@@ -269,8 +291,8 @@ def figure1(records: list[dict[str, Any]], task: str, path: Path) -> Path:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("attacker iterations (log scale; dotted: the 10x LR drop)")
-    ax.set_ylabel(f"validation accuracy ({task})")
-    chances = {r["chance"] for (_, t), r in strongest(records).items() if t == task}
+    ax.set_ylabel(f"validation accuracy, balanced where recorded ({task})")
+    chances = {r.get("bacc_chance", r["chance"]) for (_, t), r in strongest(records).items() if t == task}
     ax.axhline(chances.pop() if len(chances) == 1 else 0.5, color="grey", linewidth=0.5)
     ax.set_title(f"Verification: attackers trained on fixed encoders — {task}")
     ax.legend(fontsize=7)
@@ -368,11 +390,14 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
         sections += ["## Table 1 — private-task accuracy within adversarial training vs after verification", "",
                      "Within training: the adversarially trained private classifier on validation images, balanced "
                      "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. Verification: the strongest fresh attacker "
-                     "(selected by validation accuracy) on the fixed encoder.", "", t1, ""]
+                     "(selected by validation balanced accuracy) on the fixed encoder: accuracy with the 95% Wilson "
+                     "interval, and balanced accuracy with a bootstrap 95% interval over the test images; the "
+                     "majority rate is accuracy's chance level, 1/K balanced accuracy's.", "", t1, ""]
     if records:
         sections += ["## Table 2 — test accuracy under the verification protocol", "",
-                     "Strongest attacker (selected on validation), test accuracy ± the half-width of its 95% "
-                     "Wilson interval from the number of test images.",
+                     "Strongest attacker (selected on validation balanced accuracy), test accuracy ± the half-width "
+                     "of its 95% Wilson interval from the number of test images; then its balanced accuracy (mean "
+                     "per-class recall, chance 1/K) with a bootstrap 95% interval over the test images.",
                      "", t2, ""]
     if runs:
         sections += ["## Normalization ablation — collapse diagnostics", "",

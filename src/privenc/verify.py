@@ -9,6 +9,13 @@ image) and attackers train on the cached encodings.
 Each attacker: Adam at ``lr`` until validation accuracy saturates (no improvement of at least
 ``min_delta`` for ``patience`` evaluations), then one 10x LR drop and training until it
 saturates again. A run that reaches ``max_iters`` first is reported as not saturated.
+
+Validation and test are scored by balanced accuracy (the mean per-class recall; chance is 1/K
+for K classes whatever their frequencies) beside plain accuracy and the majority rate: an
+attacker that always answers the majority class scores the majority rate in accuracy but 1/K
+balanced, so only the balanced number stays honest on unbalanced attributes (lfw gender is
+77% male). Saturation, the checkpoint kept and the strongest attacker are all chosen by
+validation balanced accuracy, the measure that is reported.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc import distributed, runs
+from privenc.adversarial import balanced_accuracy
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.config import Config, DataConfig, VerifyConfig
 from privenc.data import TaskData, open_source, parse_task, prepare
@@ -148,7 +156,7 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
     return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
 
 
-def _freeze(module: nn.Module) -> dict[str, torch.Tensor]:
+def freeze(module: nn.Module) -> dict[str, torch.Tensor]:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -196,6 +204,17 @@ def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int,
     return Encoded(xs, ys, data.tasks[0].num_classes)
 
 
+def encode_for_attackers(encoder: LoadedEncoder, task: str, views: int, batch_size: int, device: torch.device,
+                         progress: bool = False) -> Encoded:
+    """One task's pool through the fixed encoder, on its run's splits: the same encodings
+    whatever ran before in this process (verify, a grid cell, an audit trial)."""
+    data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
+    # The augmented views come from the global generator: seed it, so that a cell's numbers
+    # do not depend on what ran before it in this process (grid order, a resumed grid).
+    torch.manual_seed(encoder.config.data.seed)
+    return encode_task(encoder.module, data, views, batch_size, device, progress)
+
+
 # --------------------------------------------------------------------------- one attacker
 
 
@@ -212,22 +231,72 @@ class AttackerResult:
     test_ce_best: float
     val_acc_final: float
     test_acc_final: float
-    curve: list[list[float]] = field(default_factory=list)   # [iteration, val accuracy, lr]
+    curve: list[list[float]] = field(default_factory=list)   # [iteration, val accuracy, lr, val balanced acc]
     seconds: float = 0.0
+    # Balanced accuracy (mean per-class recall) of the same checkpoints; the best-validation
+    # checkpoint is the one with the best validation balanced accuracy.
+    val_bacc_best: float = float("nan")
+    test_bacc_best: float = float("nan")
+    test_bacc_ci95: list[float] = field(default_factory=list)  # [lo, hi], bootstrap over test images
+    val_bacc_final: float = float("nan")
+    test_bacc_final: float = float("nan")
 
 
 @torch.no_grad()
-def _accuracy_and_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                     batch_size: int = 512) -> tuple[float, float]:
+def _predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             batch_size: int = 512) -> tuple[torch.Tensor, float]:
+    """(predicted classes, mean cross-entropy in nats) of ``model`` on ``x``."""
     model.eval()
-    correct, total_ce = 0, 0.0
+    predictions, total_ce = [], 0.0
     for i in range(0, len(x), batch_size):
         logits = model(x[i:i + batch_size].to(device)).float()
         target = y[i:i + batch_size].to(device)
-        correct += int((logits.argmax(1) == target).sum())
+        predictions.append(logits.argmax(1).cpu())
         total_ce += float(F.cross_entropy(logits, target, reduction="sum"))
     model.train()
-    return correct / len(x), total_ce / len(x)
+    return torch.cat(predictions), total_ce / len(x)
+
+
+@dataclass
+class Scores:
+    """One checkpoint on one split: accuracy, balanced accuracy, cross-entropy (nats)."""
+
+    acc: float
+    bacc: float
+    ce: float
+    predictions: torch.Tensor
+
+
+def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Scores:
+    predictions, ce = _predict(model, x, y, device)
+    return Scores(float((predictions == y).float().mean()), balanced_accuracy(predictions, y), ce, predictions)
+
+
+def balanced_accuracy_chance(labels: torch.Tensor) -> float:
+    """1/K for the K classes present: what any attacker that ignores its input scores in
+    balanced accuracy (always one class: recall 1 on it, 0 on the others)."""
+    return 1.0 / max(1, len(labels.unique()))
+
+
+def bootstrap_balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor, resamples: int = 1000,
+                                seed: int = 0, level: float = 0.95) -> list[float]:
+    """[lo, hi]: the percentile interval of balanced accuracy over ``resamples`` resamplings of
+    the test images with replacement (fixed ``seed``, so a result file is reproducible). Unlike
+    a binomial interval it needs no formula for a mean of recalls over unequal classes.
+    A class that a resample happens to miss is left out of that resample's mean."""
+    n = len(labels)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (resamples, n), generator=generator)       # (B, n)
+    truth, hit = labels[index], predictions[index] == labels[index]     # (B, n) each
+    recalls = []
+    for c in labels.unique():
+        member = truth == c
+        count = member.sum(1)
+        recalls.append(torch.where(count > 0, (hit & member).sum(1) / count.clamp(min=1), torch.nan))
+    values = torch.stack(recalls).double().nanmean(0)                 # (B,)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return [lo, hi]
 
 
 def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: float, seed: int,
@@ -249,6 +318,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     x_train, y_train = x_all["train"], data.y["train"]
     batch = min(settings.batch_size, len(x_train))
     saturation = Saturation(settings.patience, settings.min_delta)
+    # best_val: validation balanced accuracy, by which saturation and the kept checkpoint go
     best_state, best_val, dropped_at = copy.deepcopy(model.state_dict()), -1.0, None
     curve: list[list[float]] = []
     started = time.time()
@@ -268,13 +338,13 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         if not torch.isfinite(loss):  # checked when evaluating (no GPU sync per step); NaN weights stay NaN
             raise VerificationError(f"{label or family}: non-finite attacker loss by iteration {iteration} "
                                     f"(lr {optimizer.param_groups[0]['lr']:g}); its accuracies would be meaningless")
-        val_acc, _ = _accuracy_and_ce(model, x_all["val"], data.y["val"], device)
+        val = _scores(model, x_all["val"], data.y["val"], device)
         current_lr = optimizer.param_groups[0]["lr"]
-        curve.append([iteration, val_acc, current_lr])
-        if val_acc > best_val:
-            best_val, best_state = val_acc, copy.deepcopy(model.state_dict())
-        event = saturation.update(val_acc)
-        bar.set_postfix(val=f"{val_acc:.3f}", best=f"{best_val:.3f}")
+        curve.append([iteration, val.acc, current_lr, val.bacc])
+        if val.bacc > best_val:
+            best_val, best_state = val.bacc, copy.deepcopy(model.state_dict())
+        event = saturation.update(val.bacc)
+        bar.set_postfix(val=f"{val.bacc:.3f}", best=f"{best_val:.3f}")
         if event == "drop":
             dropped_at = iteration
             for group in optimizer.param_groups:
@@ -283,12 +353,16 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final, _ = _accuracy_and_ce(model, x_all["val"], data.y["val"], device)
-    test_final, _ = _accuracy_and_ce(model, x_all["test"], data.y["test"], device)
+    val_final = _scores(model, x_all["val"], data.y["val"], device)
+    test_final = _scores(model, x_all["test"], data.y["test"], device)
     model.load_state_dict(best_state)
-    test_best, test_ce = _accuracy_and_ce(model, x_all["test"], data.y["test"], device)
-    return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, best_val, test_best, test_ce,
-                          val_final, test_final, curve, round(time.time() - started, 2))
+    val_best = _scores(model, x_all["val"], data.y["val"], device)
+    test_best = _scores(model, x_all["test"], data.y["test"], device)
+    interval = bootstrap_balanced_accuracy(test_best.predictions, data.y["test"])
+    return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, val_best.acc, test_best.acc,
+                          test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),
+                          val_bacc_best=val_best.bacc, test_bacc_best=test_best.bacc, test_bacc_ci95=interval,
+                          val_bacc_final=val_final.bacc, test_bacc_final=test_final.bacc)
 
 
 # --------------------------------------------------------------------------- information estimate
@@ -325,18 +399,14 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     encoder = load_encoder_spec(encoder_spec, config, torch_device)
     check_tasks(encoder.config.data, tasks)  # a typo in the last task must not wait for the others, nor leave a folder
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
-    snapshot = _freeze(encoder.module)
+    snapshot = freeze(encoder.module)
     settings = encoder.config.verify
     lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
     # A learned encoder's own private/desirable tasks are marked; a baseline has none.
-    roles = roles or (_roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
+    roles = roles or (roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
     records: list[dict[str, Any]] = []
     for task in tasks:
-        data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
-        # The augmented views come from the global generator: seed it, so that a cell's numbers
-        # do not depend on what ran before it in this process (grid order, a resumed grid).
-        torch.manual_seed(encoder.config.data.seed)
-        encoded = encode_task(encoder.module, data, settings.views, settings.batch_size, torch_device, progress)
+        encoded = encode_for_attackers(encoder, task, settings.views, settings.batch_size, torch_device, progress)
         channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
         for family in settings.attackers:
             for seed in settings.seeds:
@@ -344,18 +414,11 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
                 model = build_attacker(family, encoder.config.classifier, channels, encoded.num_classes, size)
                 result = fit_classifier(model, encoded, settings, lr, seed, torch_device, family, progress,
                                         label=f"{encoder.name}/{task}/{family}/{seed}")
-                record = {
-                    "encoder": encoder.name, "encoder_kind": encoder.kind, "task": task,
-                    "role": roles.get(task, "other"),
-                    "chance": _majority_rate(encoded.y["test"], encoded.num_classes),
-                    "n_train": int(len(encoded.y["train"]) // settings.views),
-                    "n_val": int(len(encoded.y["val"])), "n_test": int(len(encoded.y["test"])),
-                    **asdict(result),
-                    "info_bits": information_bits(encoded.y["test"], encoded.num_classes, result.test_ce_best),
-                }
-                records.append(record)
-                log.info("%s %s %s seed %d: test acc %.3f (best-val model), %s after %d iterations",
-                         encoder.name, task, family, seed, result.test_acc_best,
+                records.append(attacker_record(encoder, task, roles.get(task, "other"), encoded, settings.views,
+                                               result))
+                log.info("%s %s %s seed %d: test balanced acc %.3f [%.3f, %.3f], acc %.3f (best-val model), "
+                         "%s after %d iterations", encoder.name, task, family, seed, result.test_bacc_best,
+                         *result.test_bacc_ci95, result.test_acc_best,
                          "saturated" if result.saturated else "NOT saturated", result.iters)
     assert_unchanged(encoder.module, snapshot, encoder.name)
     atomic_write_text(out_dir / "verify.json", json.dumps(records, indent=1) + "\n")
@@ -363,7 +426,23 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, r
     return records
 
 
-def _roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
+def attacker_record(encoder: LoadedEncoder, task: str, role: str, encoded: Encoded, views: int,
+                    result: AttackerResult) -> dict[str, Any]:
+    """One verify.json record: the attacker's result with what it is measured against.
+    ``chance`` is the majority rate (accuracy's chance level), ``bacc_chance`` 1/K (balanced
+    accuracy's)."""
+    return {
+        "encoder": encoder.name, "encoder_kind": encoder.kind, "task": task, "role": role,
+        "chance": _majority_rate(encoded.y["test"], encoded.num_classes),
+        "bacc_chance": balanced_accuracy_chance(encoded.y["test"]),
+        "n_train": int(len(encoded.y["train"]) // views),
+        "n_val": int(len(encoded.y["val"])), "n_test": int(len(encoded.y["test"])),
+        **asdict(result),
+        "info_bits": information_bits(encoded.y["test"], encoded.num_classes, result.test_ce_best),
+    }
+
+
+def roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
     roles = {t: "private" for t in config.train.private}
     roles.update({t: "desirable" for t in config.train.desirable})
     return {t: roles.get(t, "other") for t in tasks}
@@ -373,30 +452,52 @@ def _majority_rate(labels: torch.Tensor, num_classes: int) -> float:
     return float(torch.bincount(labels, minlength=num_classes).max()) / len(labels)
 
 
+def selection_score(record: dict[str, Any]) -> float:
+    """What the strongest attacker is chosen by: validation balanced accuracy, the measure that
+    is reported (a record written before it was recorded: validation accuracy)."""
+    return record.get("val_bacc_best", record["val_acc_best"])
+
+
 def strongest(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (encoder, task): the attacker with the highest best-validation accuracy (never
+    """Per (encoder, task): the attacker with the highest validation balanced accuracy (never
     selected on test). Privacy of a private task is judged by this attacker."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:
         key = (record["encoder"], record["task"])
-        if key not in best or record["val_acc_best"] > best[key]["val_acc_best"]:
+        if key not in best or selection_score(record) > selection_score(best[key]):
             best[key] = record
     return best
 
 
+def _bacc_cells(record: dict[str, Any]) -> tuple[str, str]:
+    """(validation, test [95% CI]) balanced accuracy as table cells; '—' for an older record."""
+    if "test_bacc_best" not in record:
+        return "—", "—"
+    lo, hi = record["test_bacc_ci95"]
+    return f"{record['val_bacc_best']:.3f}", f"{record['test_bacc_best']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def summarize(records: list[dict[str, Any]]) -> str:
-    lines = ["| encoder | task | role | attacker | seed | val acc | test acc | test acc (final) | bits | iterations |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| encoder | task | role | attacker | seed | val bal. acc | test bal. acc [95% CI] | val acc | test acc "
+             "| test acc (final) | bits | iterations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        val_bacc, test_bacc = _bacc_cells(r)
         lines.append(f"| {r['encoder']} | {r['task']} | {r['role']} | {r['attacker']} | {r['seed']} "
-                     f"| {r['val_acc_best']:.3f} | {r['test_acc_best']:.3f} | {r['test_acc_final']:.3f} "
+                     f"| {val_bacc} | {test_bacc} | {r['val_acc_best']:.3f} | {r['test_acc_best']:.3f} "
+                     f"| {r['test_acc_final']:.3f} "
                      f"| {r['info_bits']:.3f} | {r['iters']}{'' if r['saturated'] else ' (not saturated)'} |")
     lines += ["", "bits: H(task) - the attacker's test cross-entropy, a lower bound on the information the "
               "encoding leaks about the task; below 0 when that cross-entropy exceeds the label entropy (an "
               "attacker worse than guessing the class frequencies), which bounds nothing beyond 0.",
-              "", "Strongest attacker per encoder and task (selected by validation accuracy):", "",
-              "| encoder | task | role | test acc | chance | saturated |", "|---|---|---|---|---|---|"]
+              "bal. acc: balanced accuracy, the mean per-class recall (chance 1/K for K classes); its 95% "
+              "interval is a bootstrap over the test images (1000 resamples, fixed seed); the checkpoint kept is "
+              "the one with the best validation balanced accuracy.",
+              "", "Strongest attacker per encoder and task (selected by validation balanced accuracy):", "",
+              "| encoder | task | role | test bal. acc [95% CI] | bal. chance (1/K) | test acc | majority rate "
+              "| saturated |", "|---|---|---|---|---|---|---|---|"]
     for (enc, task), r in strongest(records).items():
-        lines.append(f"| {enc} | {task} | {r['role']} | {r['test_acc_best']:.3f} | {r['chance']:.3f} "
-                     f"| {'yes' if r['saturated'] else 'no'} |")
+        bacc_chance = f"{r['bacc_chance']:.3f}" if "bacc_chance" in r else "—"
+        lines.append(f"| {enc} | {task} | {r['role']} | {_bacc_cells(r)[1]} | {bacc_chance} "
+                     f"| {r['test_acc_best']:.3f} | {r['chance']:.3f} | {'yes' if r['saturated'] else 'no'} |")
     return "\n".join(lines) + "\n"

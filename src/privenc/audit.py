@@ -1,0 +1,420 @@
+"""``privenc audit``: the strongest attacker a user can face, searched until it stops rising.
+
+Plain verification trains one attacker family at one learning rate with short patience; on
+real photos that was measured far too optimistic (issue 16: 55.3% by a preset-like protocol,
+70.4% by a patient one, still rising). An audit widens the search round by round:
+
+- round 0 is the encoder's own ``[verify]`` settings: what ``privenc verify`` reports;
+- round k >= 1 trains the whole zoo (``paper``, ``wide``, ``mlp``, ``linear``) with 2^k times
+  the patience and the iteration cap, 2^k times the augmented views (at most 8, or the
+  settings' own if more), k more seeds, and the learning rates {own, 1e-3, 1e-4}, from round 2
+  also the paper's 1e-5 (Sec. 4.1 trains attackers on encodings at 1e-5);
+
+until one more round raises the best *validation* balanced accuracy over all rounds so far by
+less than a margin. A hard budget (rounds, minutes) stops it otherwise, and the verdict says
+"not converged" and by how much the last round still rose. The attacker chosen on validation
+is then reported on test: balanced accuracy with its bootstrap interval, accuracy and the
+majority rate, the information estimate in bits, and Identity's number when given.
+
+"Above chance" is always balanced accuracy minus its chance level 1/K (K = classes in the test
+set): what an attacker that ignores its input scores, whatever the class frequencies. On the
+paper's balanced detection tasks 1/K is also the majority rate, so the points are the same as
+"above the majority rate" there; on an unbalanced attribute accuracy's majority rate would
+hide an attacker that finds the minority class.
+
+Resumable like the grid: each finished trial (attacker x learning rate x seed of one round) is
+written atomically to ``OUT/trials/<task>/<trial>.json`` and a rerun reads it back instead of
+training it again; so a rerun with a larger budget continues where the last one stopped.
+Trials of a round run in parallel processes (``jobs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
+from privenc.distributed import resolve_device
+from privenc.errors import ConfigError
+from privenc.models import build_attacker
+from privenc.runs import ENCODER_FILE, refuse_run_folder
+from privenc.verify import (
+    Encoded,
+    LoadedEncoder,
+    assert_unchanged,
+    attacker_record,
+    check_tasks,
+    encode_for_attackers,
+    freeze,
+    learned_encoder_path,
+    load_encoder_spec,
+    roles_from_run,
+    selection_score,
+    strongest,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+LR_LADDER = (1e-3, 1e-4, 1e-5)
+"""Learning rates added round by round: the presets' 1e-3, then 1e-4, then the paper's 1e-5."""
+MAX_VIEWS = 8
+"""Views stop doubling here: more views cost memory linearly (Identity caches raw images)."""
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One attacker of one round: a family at a learning rate and seed, under a round's protocol."""
+
+    round: int
+    family: str
+    lr: float
+    seed: int
+    patience: int
+    views: int
+    max_iters: int
+
+    @property
+    def name(self) -> str:
+        return f"r{self.round}_{self.family}_lr{self.lr:g}_s{self.seed}"
+
+
+def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
+    """The attackers of round ``k`` (see the module docstring); ``lr`` is the encoder's own
+    attacker learning rate (``verify.lr``, or ``verify.lr_raw`` for Identity)."""
+    if k == 0:
+        return [Trial(0, family, lr, seed, settings.patience, settings.views, settings.max_iters)
+                for family in settings.attackers for seed in settings.seeds]
+    extra = [s for s in range(max(settings.seeds, default=-1) + 1, max(settings.seeds, default=-1) + 1 + k)]
+    seeds = [*settings.seeds, *extra]
+    lrs = list(dict.fromkeys([lr, *LR_LADDER[:min(k, 2) + 1]]))
+    views = min(settings.views * 2 ** k, max(settings.views, MAX_VIEWS))
+    return [Trial(k, family, rate, seed, settings.patience * 2 ** k, views, settings.max_iters * 2 ** k)
+            for family in ATTACKERS for rate in lrs for seed in seeds]
+
+
+# --------------------------------------------------------------------------- one trial (in a worker)
+
+
+# Per process: the loaded encoder and the encodings of the latest (task, views); a worker runs
+# many trials of one round, and encoding again for each would cost more than a small attacker.
+_CACHE: dict[str, Any] = {}
+
+
+def _encoded(spec: str, config_dict: dict[str, Any], task: str, views: int,
+             device: torch.device) -> tuple[LoadedEncoder, dict[str, torch.Tensor], Encoded]:
+    key = json.dumps([spec, config_dict, str(device)], sort_keys=True, default=str)
+    if _CACHE.get("key") != key:
+        encoder = load_encoder_spec(spec, from_dict(config_dict), device)
+        _CACHE.clear()
+        _CACHE.update(key=key, encoder=encoder, snapshot=freeze(encoder.module))
+    encoder = _CACHE["encoder"]
+    if _CACHE.get("data_key") != (task, views):
+        _CACHE.pop("encoded", None)  # free the previous views first: Identity's can be large
+        _CACHE["encoded"] = encode_for_attackers(encoder, task, views, encoder.config.verify.batch_size, device)
+        _CACHE["data_key"] = (task, views)
+    return encoder, _CACHE["snapshot"], _CACHE["encoded"]
+
+
+def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, trial: Trial, path: str,
+               device: str, threads: int | None = None) -> str:
+    """Train one attacker and write its record to ``path`` (atomically: a trial is done when
+    its file exists)."""
+    from privenc.verify import fit_classifier
+
+    if threads is not None:  # a spawned worker: the parent's settings are not inherited
+        from privenc.runtime import keep_freed_memory
+
+        keep_freed_memory()
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    encoder, snapshot, encoded = _encoded(spec, config_dict, task, trial.views, torch_device)
+    settings = dataclasses.replace(encoder.config.verify, patience=trial.patience, views=trial.views,
+                                   max_iters=trial.max_iters)
+    channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
+    torch.manual_seed(trial.seed)
+    model = build_attacker(trial.family, encoder.config.classifier, channels, encoded.num_classes, size)
+    result = fit_classifier(model, encoded, settings, trial.lr, trial.seed, torch_device, trial.family,
+                            label=f"{encoder.name}/{task}/{trial.name}")
+    assert_unchanged(encoder.module, snapshot, encoder.name)
+    record = {**attacker_record(encoder, task, role, encoded, trial.views, result), "round": trial.round,
+              "trial": trial.name, "patience": trial.patience, "views": trial.views, "max_iters": trial.max_iters}
+    atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def _read_trial(path: Path) -> dict[str, Any] | None:
+    """A finished trial's record; None for a missing or broken file (then it runs again)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("audit: %s is unreadable (%s); training that attacker again", path, err)
+        return None
+    return record if isinstance(record, dict) and "val_bacc_best" in record else None
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, margin: float = 1.0,
+          max_rounds: int = 3, max_minutes: float | None = None, jobs: int = 1, identity: str | None = None,
+          fail_above: float | None = None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Search the attacker zoo for the worst case of ``encoder_spec`` on each task; write
+    ``OUT/audit.json`` and ``OUT/audit.md`` and return what audit.json holds.
+
+    ``margin`` and ``fail_above`` are in points of balanced accuracy (1.0 = 0.01). The search of
+    a task stops when a round raises the best validation balanced accuracy by less than
+    ``margin`` (converged), after ``max_rounds`` rounds (round 0 included) or, before starting
+    a round, once ``max_minutes`` of this call have passed (not converged). ``identity``:
+    None, ``"compute"`` (plain verification of raw images on the encoder's data and settings,
+    kept in ``OUT/identity``) or a verify or grid folder holding Identity's records.
+    ``result["failed"]`` lists the tasks whose worst case is more than ``fail_above`` points
+    of balanced accuracy above its chance level 1/K.
+    """
+    out_dir = Path(out_dir)
+    if not (isinstance(margin, (int, float)) and 0 <= margin < 100):
+        raise ConfigError(f"--margin is in points of balanced accuracy, from 0 to under 100; got {margin}")
+    if max_rounds < 1:
+        raise ConfigError(f"--max-rounds must be at least 1 (round 0 is plain verification), got {max_rounds}")
+    if max_minutes is not None and not max_minutes >= 0:
+        raise ConfigError(f"--max-minutes must be 0 or more, got {max_minutes}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if fail_above is not None and not -100 <= fail_above <= 100:
+        raise ConfigError(f"--fail-above is in points of balanced accuracy above chance, -100 to 100; got {fail_above}")
+    if not tasks:
+        raise ConfigError("audit: no tasks; give --task")
+    refuse_run_folder(out_dir, "audit")
+    encoder = load_encoder_spec(encoder_spec, config, torch.device("cpu"))
+    check_tasks(encoder.config.data, tasks)  # a typo must not wait for the first task's search
+    ensure_writable(out_dir)
+    settings = encoder.config.verify
+    lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
+    roles = roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {}
+    config_dict = encoder.config.to_dict()
+    _check_plan(out_dir, {"encoder": encoder.name, "encoder_sha256": _encoder_digest(encoder_spec, encoder),
+                          "config": config_dict})
+    references = _identity_references(identity, encoder, tasks, out_dir, device, progress)
+
+    started = time.time()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    verdicts = {}
+    try:
+        for task in tasks:
+            role = roles.get(task, "other")
+            records: list[dict[str, Any]] = []
+            rounds: list[dict[str, Any]] = []
+            stopped_by = "max_rounds"
+            for k in range(max_rounds):
+                if k > 0 and max_minutes is not None and time.time() - started > 60 * max_minutes:
+                    stopped_by = "max_minutes"
+                    break
+                trials = round_trials(settings, lr, k)
+                found = _run_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device, threads,
+                                   progress)
+                records += found
+                best = max(map(selection_score, records))
+                rise = None if not rounds else best - rounds[-1]["best_val_bacc"]
+                rounds.append({"round": k, "attackers": len(trials), "patience": trials[0].patience,
+                               "views": trials[0].views, "max_iters": trials[0].max_iters,
+                               "lrs": sorted({t.lr for t in trials}, reverse=True),
+                               "families": list(dict.fromkeys(t.family for t in trials)),
+                               "seeds": sorted({t.seed for t in trials}),
+                               "round_best_val_bacc": max(map(selection_score, found)),
+                               "best_val_bacc": best, "rise": rise})
+                log.info("audit %s round %d: best validation balanced accuracy %.3f%s", task, k, best,
+                         "" if rise is None else f" (rose {100 * rise:.2f} points)")
+                if rise is not None and rise < margin / 100:
+                    stopped_by = "margin"
+                    break
+            verdicts[task] = _verdict(task, role, records, rounds, stopped_by, margin, references.get(task),
+                                      fail_above)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _CACHE.clear()  # the encodings of an in-process search are not needed after it
+    result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "margin_points": margin,
+              "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
+              "seconds": round(time.time() - started, 1), "verdicts": verdicts,
+              "failed": [t for t, v in verdicts.items() if v["failed"]]}
+    atomic_write_text(out_dir / "audit.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out_dir / "audit.md", audit_markdown(result))
+    return result
+
+
+def _run_round(spec: str, config_dict: dict[str, Any], task: str, role: str, trials: list[Trial], out_dir: Path,
+               pool: ProcessPoolExecutor | None, device: str, threads: int, progress: bool) -> list[dict[str, Any]]:
+    """Every trial of one round, reading finished ones back; their records in trial order."""
+    folder = out_dir / "trials" / task.replace("/", "-")
+    paths = {trial: folder / f"{trial.name}.json" for trial in trials}
+    todo = [trial for trial in trials if _read_trial(paths[trial]) is None]
+    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=f"audit {task} round {trials[0].round}",
+               unit="attacker", disable=not progress)
+    if pool is None:
+        for trial in todo:
+            _run_trial(spec, config_dict, task, role, trial, str(paths[trial]), device)
+            bar.update(1)
+    else:
+        futures = [pool.submit(_run_trial, spec, config_dict, task, role, trial, str(paths[trial]), device, threads)
+                   for trial in todo]
+        for future in as_completed(futures):
+            future.result()
+            bar.update(1)
+    bar.close()
+    records = [_read_trial(paths[trial]) for trial in trials]
+    missing = [trial.name for trial, record in zip(trials, records) if record is None]
+    if missing:  # written by _run_trial just now: only a file system failing under us gets here
+        raise OSError(f"audit: trial results missing after the round: {', '.join(missing)} in {folder}")
+    return records  # type: ignore[return-value]
+
+
+def _encoder_digest(spec: str, encoder: LoadedEncoder) -> str | None:
+    """The learned encoder's file hash: a rerun after retraining the run must not reuse trials."""
+    if encoder.kind != "learned":
+        return None
+    path = learned_encoder_path(spec)
+    return hashlib.sha256((path / ENCODER_FILE if path.is_dir() else path).read_bytes()).hexdigest()
+
+
+def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
+    """Refuse to add to an audit folder made for another encoder or other settings: its trials
+    would be mixed with these. The budget (margin, rounds, minutes) may change: a rerun with a
+    larger one continues the search."""
+    path = out_dir / PLAN_FILE
+    new = json.loads(json.dumps(plan))
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if isinstance(old, dict):
+            diff = [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if key != "config"
+                    and old.get(key) != new[key]]
+            diff += config_diff(old.get("config") or {}, new["config"], ignore=("verify.tasks",))
+            if diff:
+                raise ConfigError(f"refusing to add to the audit {out_dir}: its trials were computed for another "
+                                  f"encoder or settings ({path}); use a new --out, or delete the folder:\n  "
+                                  + "\n  ".join(diff))
+    atomic_write_text(path, json.dumps(new, indent=1) + "\n")
+
+
+def _identity_references(identity: str | None, encoder: LoadedEncoder, tasks: list[str], out_dir: Path,
+                         device: str, progress: bool) -> dict[str, dict[str, Any]]:
+    """Identity's strongest attacker per task, by plain verification: computed into OUT/identity
+    (reused when there), or read from a verify or grid folder."""
+    if identity is None or encoder.kind == "identity":
+        return {}
+    if identity == "compute":
+        folder = out_dir / "identity"
+        records = (json.loads((folder / "verify.json").read_text()) if (folder / "verify.json").is_file()
+                   else verify("identity", encoder.config, tasks, folder, device=device, progress=progress))
+    else:
+        root = Path(identity)
+        if not root.is_dir():
+            raise ConfigError(f"--identity {identity!r}: give 'compute' or a verify or grid folder holding "
+                              f"Identity's verify.json")
+        records = [r for path in sorted(root.rglob("verify.json")) for r in json.loads(path.read_text())]
+    best = {task: r for (name, task), r in strongest(records).items() if name == "identity"}
+    missing = [t for t in tasks if t not in best]
+    if missing:
+        raise ConfigError(f"--identity {identity!r} holds no Identity records for {', '.join(missing)}")
+    return best
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def _verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[dict[str, Any]], stopped_by: str,
+             margin: float, identity: dict[str, Any] | None, fail_above: float | None) -> dict[str, Any]:
+    worst = max(records, key=selection_score)  # chosen on validation, as verify chooses
+    plain = max((r for r in records if r["round"] == 0), key=selection_score)
+    above = 100 * (worst["test_bacc_best"] - worst["bacc_chance"])
+    keys = ("attacker", "seed", "lr", "round", "patience", "views", "iters", "saturated", "val_bacc_best",
+            "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits")
+    return {
+        "task": task, "role": role,
+        "converged": stopped_by == "margin", "stopped_by": stopped_by, "rounds_run": len(rounds),
+        "last_rise_points": None if rounds[-1]["rise"] is None else 100 * rounds[-1]["rise"],
+        "rounds": rounds,
+        "worst_case": {key: worst[key] for key in keys},
+        "majority_rate": worst["chance"], "bacc_chance": worst["bacc_chance"], "n_test": worst["n_test"],
+        "above_chance_points": above,
+        # the interval reaches chance: no evidence that the attacker beats guessing
+        "at_chance": worst["test_bacc_ci95"][0] <= worst["bacc_chance"],
+        "plain_verify_test_bacc": plain["test_bacc_best"],
+        "identity_test_bacc": None if identity is None else identity.get("test_bacc_best"),
+        "identity_test_bacc_ci95": None if identity is None else identity.get("test_bacc_ci95"),
+        "failed": fail_above is not None and above > fail_above,
+    }
+
+
+def verdict_line(v: dict[str, Any], margin: float) -> str:
+    w = v["worst_case"]
+    lo, hi = w["test_bacc_ci95"]
+    text = (f"{v['task']} ({v['role']}): worst case {100 * w['test_bacc_best']:.1f}% balanced accuracy "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}], {v['above_chance_points']:+.1f} points vs chance "
+            f"{100 * v['bacc_chance']:.1f}% ({'at chance' if v['at_chance'] else 'above chance'}); accuracy "
+            f"{100 * w['test_acc_best']:.1f}%, majority rate {100 * v['majority_rate']:.1f}%; "
+            f"{w['info_bits']:.3f} bits; plain verify {100 * v['plain_verify_test_bacc']:.1f}%")
+    if v["identity_test_bacc"] is not None:
+        text += f"; Identity {100 * v['identity_test_bacc']:.1f}%"
+    rise = v["last_rise_points"]
+    if v["converged"]:
+        text += f". Converged after round {v['rounds_run'] - 1} (last rise {rise:.2f} < {margin:g} points)."
+    else:
+        budget = {"max_rounds": "the round budget", "max_minutes": "the time budget"}[v["stopped_by"]]
+        still = "no round after round 0 to compare" if rise is None else f"the last round still rose {rise:.2f} points"
+        text += f". NOT converged: {budget} ran out after round {v['rounds_run'] - 1}; {still}."
+    if v["failed"]:
+        text += " FAILED the --fail-above gate."
+    return text
+
+
+def audit_markdown(result: dict[str, Any]) -> str:
+    margin = result["margin_points"]
+    lines = [f"# privenc audit: {result['encoder']}", "",
+             f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
+             + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
+             + f"; {result['seconds']:.0f} s.", ""]
+    for task, v in result["verdicts"].items():
+        w = v["worst_case"]
+        lines += [f"## {task}", "", verdict_line(v, margin), "",
+                  f"Chosen on validation: `{w['attacker']}` lr {w['lr']:g} seed {w['seed']} of round {w['round']} "
+                  f"(patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
+                  f"{'' if w['saturated'] else ', not saturated'}); validation balanced accuracy "
+                  f"{100 * w['val_bacc_best']:.1f}%.", "",
+                  "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
+                  "| round's best val bal. acc | best so far | rise (points) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in v["rounds"]:
+            rise = "—" if r["rise"] is None else f"{100 * r['rise']:.2f}"
+            lines.append(f"| {r['round']} | {r['attackers']} | {', '.join(r['families'])} "
+                         f"| {', '.join(f'{x:g}' for x in r['lrs'])} | {', '.join(map(str, r['seeds']))} "
+                         f"| {r['patience']} | {r['views']} | {r['max_iters']} | {100 * r['round_best_val_bacc']:.1f}% "
+                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} |")
+        lines.append("")
+    lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
+              "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
+              "(1000 resamples); \"at chance\" means it reaches 1/K. bits: H(task) minus the attacker's test "
+              "cross-entropy, a lower bound on the information the encoding leaks.", ""]
+    if result["fail_above_points"] is not None:
+        gate = ", ".join(result["failed"]) or "none"
+        lines += [f"Gate --fail-above {result['fail_above_points']:g} points: failed tasks: {gate}.", ""]
+    return "\n".join(lines)

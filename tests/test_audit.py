@@ -1,0 +1,166 @@
+"""`privenc audit`: the round schedule, stopping by margin and by budget, resuming from the
+trials on disk, the choice on validation and the --fail-above gate.
+
+One audit of the Blur baseline on tiny data (rounds 0 and 1: 17 attackers, seconds) is
+computed once per module; each test works on its own copy, and reruns with another budget
+read its trials back instead of training them again."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+from conftest import TINY
+
+import privenc.audit as audit_module
+from privenc.audit import LR_LADDER, _verdict, audit, round_trials
+from privenc.cli import main
+from privenc.config import ATTACKERS, load_config
+from privenc.errors import ConfigError, DataError
+
+SHORT = ["verify.max_iters=6"]  # attackers of 6 iterations (12 in round 1): the search is what is tested
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An audit stopped by a huge margin: round 1 cannot rise by 100 points, so it stops there."""
+    config = load_config("demo", TINY + SHORT)
+    out = tmp_path_factory.mktemp("audit") / "blur"
+    result = audit("blur", config, ["g1c0"], out, margin=99.0, max_rounds=5, progress=False)
+    return config, out, result
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    config, out, result = finished
+    shutil.copytree(out, tmp_path / "a")
+    return config, tmp_path / "a", result
+
+
+def _no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished trial was trained again")
+
+    monkeypatch.setattr(audit_module, "_run_trial", refuse)
+
+
+def test_rounds_widen_the_search():
+    settings = replace(load_config("demo").verify, attackers=["paper"], seeds=[0], patience=3, views=2,
+                       max_iters=1500)
+    zero, one, two = (round_trials(settings, 1e-3, k) for k in range(3))
+    assert [(t.family, t.lr, t.seed, t.patience, t.views, t.max_iters) for t in zero] == [
+        ("paper", 1e-3, 0, 3, 2, 1500)]  # round 0 is plain verification
+    assert {t.family for t in one} == set(ATTACKERS) and {t.lr for t in one} == {1e-3, 1e-4}
+    assert {t.seed for t in one} == {0, 1} and len(one) == len(ATTACKERS) * 2 * 2
+    assert (one[0].patience, one[0].views, one[0].max_iters) == (6, 4, 3000)
+    assert {t.lr for t in two} == set(LR_LADDER) and {t.seed for t in two} == {0, 1, 2}  # the paper's 1e-5 too
+    assert (two[0].patience, two[0].views) == (12, 8)
+    assert round_trials(settings, 1e-2, 1)[0].lr == 1e-2  # the encoder's own rate stays in
+
+
+def test_a_huge_margin_stops_after_round_one(finished):
+    _, out, result = finished
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["converged"], verdict["stopped_by"], verdict["rounds_run"]) == (True, "margin", 2)
+    rounds = verdict["rounds"]
+    assert verdict["last_rise_points"] == pytest.approx(100 * (rounds[1]["best_val_bacc"] - rounds[0]["best_val_bacc"]))
+    assert len(list((out / "trials" / "g1c0").glob("*.json"))) == 1 + len(ATTACKERS) * 2 * 2
+    assert json.loads((out / "audit.json").read_text()) == json.loads(json.dumps(result))
+    assert "Converged after round 1" in (out / "audit.md").read_text()
+
+
+def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):
+    _, out, result = finished
+    trials = [json.loads(p.read_text()) for p in sorted((out / "trials" / "g1c0").glob("*.json"))]
+    worst = result["verdicts"]["g1c0"]["worst_case"]
+    assert worst["val_bacc_best"] == max(t["val_bacc_best"] for t in trials)
+    chosen = [t for t in trials if (t["attacker"], t["lr"], t["seed"], t["round"]) ==
+              (worst["attacker"], worst["lr"], worst["seed"], worst["round"])]
+    assert len(chosen) == 1 and chosen[0]["test_bacc_best"] == worst["test_bacc_best"]
+
+
+def test_the_choice_is_made_on_validation_never_on_test():
+    base = {"chance": 0.5, "bacc_chance": 0.5, "n_test": 100, "iters": 10, "saturated": True, "patience": 1,
+            "views": 1, "test_acc_best": 0.6, "info_bits": 0.1}
+    records = [dict(base, attacker="a", seed=0, lr=1e-3, round=0, val_bacc_best=0.70, test_bacc_best=0.90,
+                    test_bacc_ci95=[0.85, 0.95], val_acc_best=0.7),
+               dict(base, attacker="b", seed=0, lr=1e-4, round=1, val_bacc_best=0.80, test_bacc_best=0.60,
+                    test_bacc_ci95=[0.49, 0.70], val_acc_best=0.8)]
+    rounds = [{"rise": None, "best_val_bacc": 0.7}, {"rise": 0.1, "best_val_bacc": 0.8}]
+    verdict = _verdict("t", "private", records, rounds, "max_rounds", 1.0, None, fail_above=5.0)
+    assert verdict["worst_case"]["attacker"] == "b" and verdict["plain_verify_test_bacc"] == 0.90
+    assert verdict["above_chance_points"] == pytest.approx(10.0) and verdict["at_chance"] is True
+    assert verdict["failed"] is True and verdict["converged"] is False
+    assert verdict["last_rise_points"] == pytest.approx(10.0)
+
+
+def test_the_budget_stops_it_not_converged_with_the_last_rise(copy, monkeypatch):
+    config, out, first = copy
+    _no_training(monkeypatch)  # rounds 0 and 1 are on disk: a rerun trains nothing
+    result = audit("blur", config, ["g1c0"], out, margin=0.0, max_rounds=2, progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["converged"], verdict["stopped_by"], verdict["rounds_run"]) == (False, "max_rounds", 2)
+    assert verdict["last_rise_points"] == first["verdicts"]["g1c0"]["last_rise_points"]
+    text = (out / "audit.md").read_text()
+    assert "NOT converged: the round budget ran out after round 1; the last round still rose" in text
+    assert f"still rose {verdict['last_rise_points']:.2f} points" in text
+    # no time left after round 0: stopped there, with no rise to report
+    result = audit("blur", config, ["g1c0"], out, margin=0.0, max_rounds=5, max_minutes=0, progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["stopped_by"], verdict["rounds_run"], verdict["last_rise_points"]) == ("max_minutes", 1, None)
+    assert "the time budget ran out after round 0" in (out / "audit.md").read_text()
+
+
+def test_a_rerun_reads_the_same_numbers_without_training(copy, monkeypatch):
+    config, out, first = copy
+    _no_training(monkeypatch)
+    again = audit("blur", config, ["g1c0"], out, margin=99.0, max_rounds=5, progress=False)
+    assert again["verdicts"] == first["verdicts"]
+
+
+def test_a_rerun_with_other_settings_is_refused(copy):
+    config, out, _ = copy
+    other = replace(config, verify=replace(config.verify, lr=1e-2))
+    with pytest.raises(ConfigError, match="verify.lr"):
+        audit("blur", other, ["g1c0"], out, progress=False)
+
+
+def test_fail_above_gates_the_exit_status(copy, capsys):
+    _, out, first = copy
+    above = first["verdicts"]["g1c0"]["above_chance_points"]
+    args = ["-q", "audit", "blur", "--config", "demo", *[f"--set={item}" for item in TINY + SHORT], "--task", "g1c0",
+            "--out", str(out), "--margin", "99"]
+    assert main([*args, "--fail-above", f"{above + 1}"]) == 0
+    assert main([*args, "--fail-above", f"{above - 1}"]) == 1
+    assert "above --fail-above" in capsys.readouterr().err
+    assert json.loads((out / "audit.json").read_text())["failed"] == ["g1c0"]
+
+
+@pytest.mark.parametrize("bad", [{"margin": -1.0}, {"margin": 100.0}, {"max_rounds": 0}, {"max_minutes": -1.0}])
+def test_bad_settings_are_config_errors(tiny_config, tmp_path, bad):
+    with pytest.raises(ConfigError):
+        audit("blur", tiny_config, ["g1c0"], tmp_path / "a", progress=False, **bad)
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_unknown_task_is_refused_before_any_work(tiny_config, tmp_path):
+    with pytest.raises(DataError, match="nope"):
+        audit("blur", tiny_config, ["nope"], tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+
+
+def test_identity_is_quoted_from_a_verify_folder(copy, monkeypatch, tmp_path):
+    config, out, _ = copy
+    _no_training(monkeypatch)
+    folder = tmp_path / "identity"
+    folder.mkdir()
+    weak = {"encoder": "identity", "task": "g1c0", "val_acc_best": 0.9, "val_bacc_best": 0.6, "test_bacc_best": 0.61,
+            "test_bacc_ci95": [0.5, 0.7]}
+    strong = dict(weak, val_acc_best=0.8, val_bacc_best=0.95, test_bacc_best=0.93, test_bacc_ci95=[0.88, 0.97])
+    (folder / "verify.json").write_text(json.dumps([weak, strong]))
+    result = audit("blur", config, ["g1c0"], out, margin=99.0, identity=str(folder), progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["identity_test_bacc"], verdict["identity_test_bacc_ci95"]) == (0.93, [0.88, 0.97])
+    assert "Identity 93.0%" in (out / "audit.md").read_text()
+    with pytest.raises(ConfigError, match="no Identity records for g1c1"):
+        audit("blur", config, ["g1c0", "g1c1"], out, identity=str(folder), progress=False)
