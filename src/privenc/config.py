@@ -27,7 +27,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
-# The paper's two groups of ten Places-365 categories (Sec. 4.1 and ../shared/paper/NOTES.md).
+# The paper's two groups of ten Places-365 categories (Sec. 4.1).
 PLACES_GROUPS: dict[str, list[str]] = {
     "group1": [
         "arch", "army_base", "airport_terminal", "airfield", "alley", "arena/hockey",
@@ -49,7 +49,7 @@ ATTACKERS = ("paper", "wide", "mlp", "linear")
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they become tensors (DESIGN.md, "Data")."""
+    """Where images come from and how they become tensors."""
 
     source: str = "synthetic"
     """One of synthetic | places365 | folder | csv."""
