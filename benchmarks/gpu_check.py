@@ -73,6 +73,7 @@ from privenc.stream import BatchStream  # noqa: E402
 from privenc.verify import Encoded, fit_classifier  # noqa: E402
 
 import flops  # noqa: E402
+from measure import as_is, git_revision  # noqa: E402
 
 SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
 SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}
@@ -491,10 +492,6 @@ def batch_search(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- 3. loader
 
 
-def _as_is(image: torch.Tensor) -> torch.Tensor:
-    return image
-
-
 def section_loader(s: Section, args: argparse.Namespace, state: dict[str, Any]) -> None:
     """The training loader as train() builds it, on a uint8 memmap cache of random pixels (the
     loader's cost does not depend on what the pixels show)."""
@@ -521,7 +518,7 @@ def section_loader(s: Section, args: argparse.Namespace, state: dict[str, Any]) 
         # Each cached image 8 times: BatchStream starts its workers once per epoch, and a real
         # training pool is far longer than this cache.
         epoch = np.tile(indices, 8)
-        dataset = ImageDataset(ImageCache(path, indices), epoch, np.zeros((len(epoch), 1), dtype=np.int64), _as_is)
+        dataset = ImageDataset(ImageCache(path, indices), epoch, np.zeros((len(epoch), 1), dtype=np.int64), as_is)
         augment = BatchTransform(cfg, augment=True)
         seconds = max(0.2, min(args.seconds, (s.left() - 5) / (2 * len(workers))))
         for n in workers:
@@ -700,14 +697,6 @@ def _preset(args: argparse.Namespace, batch: int) -> tuple[str, list[str]]:
     return ("demo", [f"train.batch_size={batch}"]) if args.quick else ("paper", [f"train.batch_size={batch}"])
 
 
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown (no git here)"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git here)"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
@@ -762,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
                     else datasheet_peak(name) if args.device.type == "cuda" else (None, "not a GPU"))
     header = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version() if args.device.type == "cuda" else None,
-              "python": platform.python_version(), "revision": _git_revision(),
+              "python": platform.python_version(), "revision": git_revision(),
               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "budget_s": args.budget, "sections": ", ".join(args.sections), "peak": source,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

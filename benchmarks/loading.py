@@ -22,11 +22,7 @@ from privenc.data import ImageDataset, TaskData
 from privenc.data.transforms import BatchTransform, train_transform
 
 from fixtures import JpegDataset
-from measure import Row, compare, interleave
-
-
-def _as_is(image: torch.Tensor) -> torch.Tensor:
-    return image
+from measure import Row, as_is, compare, interleave
 
 
 def loading(data: TaskData, jpegs: list[Path], repeats: int, batch_size: int = 64,
@@ -42,8 +38,8 @@ def loading(data: TaskData, jpegs: list[Path], repeats: int, batch_size: int = 6
         return DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
     loaders = {
-        "naive: PIL decode per item": loader(JpegDataset(jpegs, labels, cfg.load_size, _as_is)),
-        "privenc: uint8 memmap cache": loader(ImageDataset(data.images, indices, labels, _as_is)),
+        "naive: PIL decode per item": loader(JpegDataset(jpegs, labels, cfg.load_size, as_is)),
+        "privenc: uint8 memmap cache": loader(ImageDataset(data.images, indices, labels, as_is)),
         "naive: PIL decode + per-item augmentation": loader(JpegDataset(jpegs, labels, cfg.load_size, augment)),
         "privenc: cache + per-item augmentation (per-image reference)":
             loader(ImageDataset(data.images, indices, labels, augment)),

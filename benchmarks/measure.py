@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def interleave(variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -132,3 +136,21 @@ def load_average() -> str:
     except OSError:
         return "unknown"
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
+
+
+def git_revision() -> str:
+    """The checked-out commit, with "+ uncommitted changes" when the tree differs from it."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git here)"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def as_is(image: torch.Tensor) -> torch.Tensor:
+    """The identity transform: a module-level function, so DataLoader workers can pickle it."""
+    return image

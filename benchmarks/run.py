@@ -3,7 +3,7 @@ docs/performance.md.
 
     python benchmarks/run.py                  # the full run (about 10 minutes on 2 CPU cores)
     python benchmarks/run.py --quick          # a smoke run: every benchmark, tiny sizes, 1 repeat
-    python benchmarks/run.py --only load,attack --repeats 7 --out /tmp/perf.md
+    python benchmarks/run.py --section loading --section attackers --repeats 7 --out /tmp/perf.md
 
 Every comparison runs its variants interleaved and repeated, most in this one process (see
 measure.py); numbers are medians and ratios of medians within the run. The GPU half of the
@@ -36,11 +36,11 @@ from privenc.data.cache import default_cache_dir
 
 import fixtures
 import flops
-from measure import Section, load_average, machine, one_minute_load
+from measure import Section, git_revision, load_average, machine, one_minute_load
 from tables import median_of, table, targets, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("flops", "train", "layout", "threads", "encode", "attack", "several", "load", "changes")
+SECTIONS = ("flops", "training", "layout", "threads", "encoding", "attackers", "loading")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "preset's is 128)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="image caches (default: privenc's, $PRIVENC_CACHE or ~/.cache/privenc)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--demo", action="store_true", help="also time `privenc demo` (benchmarks/demo_cost.py; "
-                                                            "about 10 minutes)")
+    parser.add_argument("--section", action="append", default=[], metavar="NAME",
+                        help=f"run this section only (repeatable, or comma-separated): {', '.join(SECTIONS)}; "
+                             f"default: all")
     return parser.parse_args(argv)
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return gpu_check.main(["--device", args.device] + (["--quick"] if args.quick else []))
     if args.threads:
         torch.set_num_threads(args.threads)
-    only = set(args.only.split(","))
+    only = {name for item in args.section for name in item.split(",")} or set(SECTIONS)
     unknown = only - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         demo_jpegs = {s: fixtures.jpeg_files(demo_data, demo_data.indices[s], tmp_dir / "jpeg")
                       for s in ("train", "val", "test")}
         paper = fixtures.paper_config(cache_dir, args.paper_batch)
-        paper_data = fixtures.prepare_data(paper) if only & {"train", "layout", "load", "changes", "attack"} else None
+        paper_data = fixtures.prepare_data(paper) if only & {"training", "layout", "loading", "attackers"} else None
 
         def run(title: str, fn, *a, **kw) -> Section:
             t0 = time.time()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "flops" in only:
             sections.append(flops_section(fixtures.paper_config(cache_dir, 128)))
-        if "train" in only:
+        if "training" in only:
             import training
 
             run("(a) adversarial iteration, demo preset", training.adversarial_iteration, "demo", demo, demo_data,
@@ -138,62 +138,48 @@ def main(argv: list[str] | None = None) -> int:
                                  f"({best.median:.3g} iterations/s, {best.ratio or 1:.2f}x the torch defaults).")
             run("CPU allocator", training.allocator_settings, cache_dir, repeats,
                 iters=1 if quick else 6, batch_size=demo.train.batch_size)
-        if "encode" in only:
+        if "encoding" in only:
             import encoding
 
             run("(b) encoding", encoding.encoding, "demo", demo, demo_data, demo_jpegs, repeats)
-        if only & {"attack", "several"}:
+        if "attackers" in only:
             import attackers
 
             encoded = attackers.encode(demo, demo_data)  # verify.views augmented views, as verification does
-            if "attack" in only:
-                for family in ("paper",) if quick else ("paper", "mlp", "linear"):
-                    section = run(f"(c) attacker training, demo, {family}", attackers.cached_vs_reencoding, "demo",
-                                  demo, demo_data, encoded, demo_jpegs["train"], repeats,
-                                  cached_iters=10 if quick else 60, naive_iters=2 if quick else 6, family=family,
-                                  from_cache=family == "paper")
-                    section.notes.append(bound_note(demo, family, demo.verify.batch_size))
-                paper_attack = fixtures.paper_config(cache_dir, args.paper_batch,
-                                                     f"verify.batch_size={args.paper_attack_batch}")
-                section = run("(c) attacker training, paper", attackers.cached_vs_reencoding,
-                              "paper (CPU)", paper_attack, paper_data,
-                              attackers.stand_in_encodings(paper_attack, 256),
-                              fixtures.jpeg_files(paper_data, paper_data.indices["train"],
-                                                  tmp_dir / "jpeg-paper"),
-                              min(repeats, 3), cached_iters=10 if quick else 60, naive_iters=1, from_cache=False)
-                section.notes.append(bound_note(paper_attack, "paper", paper_attack.verify.batch_size))
-                section.notes.append(f"Paper preset on a CPU: attacker batch {args.paper_attack_batch} (the preset's is "
-                                     f"128), one re-encoding iteration per run, 60 cached ones (fit_classifier with "
-                                     f"its final evaluations, which a real run spreads over far more iterations: "
-                                     f"with 10 they were most of the time measured); the cached side trains on random "
-                                     f"encodings of the encoder's output shape (3x28x28: the cost does not depend "
-                                     f"on the values); {fixtures.paper_data_note()}.")
-            if "several" in only:
-                run("several attackers: processes", attackers.processes_vs_threads, demo, encoded, min(repeats, 3),
-                    iters=5 if quick else 30, cores=min(2, os.cpu_count() or 1))
-                run("several attackers: vectorized", attackers.vectorized, demo, encoded, repeats,
-                    iters=2 if quick else 10, counts=(4,) if quick else (4, 16))
-        if "load" in only:
+            for family in ("paper",) if quick else ("paper", "mlp", "linear"):
+                section = run(f"(c) attacker training, demo, {family}", attackers.cached_vs_reencoding, "demo",
+                              demo, demo_data, encoded, demo_jpegs["train"], repeats,
+                              cached_iters=10 if quick else 60, naive_iters=2 if quick else 6, family=family,
+                              from_cache=family == "paper")
+                section.notes.append(bound_note(demo, family, demo.verify.batch_size))
+            paper_attack = fixtures.paper_config(cache_dir, args.paper_batch,
+                                                 f"verify.batch_size={args.paper_attack_batch}")
+            section = run("(c) attacker training, paper", attackers.cached_vs_reencoding,
+                          "paper (CPU)", paper_attack, paper_data,
+                          attackers.stand_in_encodings(paper_attack, 256),
+                          fixtures.jpeg_files(paper_data, paper_data.indices["train"],
+                                              tmp_dir / "jpeg-paper"),
+                          min(repeats, 3), cached_iters=10 if quick else 60, naive_iters=1, from_cache=False)
+            section.notes.append(bound_note(paper_attack, "paper", paper_attack.verify.batch_size))
+            section.notes.append(f"Paper preset on a CPU: attacker batch {args.paper_attack_batch} (the preset's is "
+                                 f"128), one re-encoding iteration per run, 60 cached ones (fit_classifier with "
+                                 f"its final evaluations, which a real run spreads over far more iterations: "
+                                 f"with 10 they were most of the time measured); the cached side trains on random "
+                                 f"encodings of the encoder's output shape (3x28x28: the cost does not depend "
+                                 f"on the values); {fixtures.paper_data_note()}.")
+            run("several attackers: processes", attackers.processes_vs_threads, demo, encoded, min(repeats, 3),
+                iters=5 if quick else 30, cores=min(2, os.cpu_count() or 1))
+            run("several attackers: vectorized", attackers.vectorized, demo, encoded, repeats,
+                iters=2 if quick else 10, counts=(4,) if quick else (4, 16))
+        if "loading" in only:
             import loading
 
             jpegs = fixtures.jpeg_files(paper_data, paper_data.images.indices, tmp_dir / "jpeg-paper")
             section = run("(d) loading", loading.loading, paper_data, jpegs, repeats)
             section.notes.append(f"{len(jpegs)} images, batches of 64, DataLoader in the main process "
                                  f"(data.num_workers = 0, the default); {fixtures.paper_data_note()}.")
-        if "changes" in only:
-            import changes
-
-            run("library change: per-location BN, module", changes.per_location_norm_module, repeats,
-                shapes=((64, 16, 32, 32),) if quick else ((64, 16, 32, 32), (2, 64, 224, 224)))
-            run("library change: per-location BN, iteration", changes.per_location_norm, demo, repeats,
-                iters=1 if quick else 3)
-            run("library change: cache item copy", changes.dataset_item, paper_data, repeats)
 
     wall = time.time() - started
-    if args.demo:
-        import demo_cost
-
-        sections.append(demo_cost.section(quick))
     header = run_header(command, repeats, wall, load_before, one_before)
     write_report(args.out, sections, header, static_text(sections))
     rows = [r for s in sections for r in s.rows]
@@ -230,27 +216,12 @@ def bound_note(config, family: str, batch: int) -> str:
             f"to the re-encoding side, per-step overheads to both.")
 
 
-def git_commit() -> str:
-    """The checked-out commit, with "+ changes" when the tree differs from it; "unknown" outside git."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" + uncommitted changes" if dirty else "")
-
-
 def run_header(command: str, repeats: int, wall: float, load_before: str, one_before: float | None) -> list[str]:
     info = machine()
     lines = [f"- command: `{command}` ({repeats} interleaved repeats per comparison unless its row says fewer; "
              f"wall time {wall:.0f} s)",
              f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-             f"- commit: {git_commit()} (the code measured; the commit that adds this file comes after it)",
+             f"- commit: {git_revision()} (the code measured; the commit that adds this file comes after it)",
              *[f"- {key}: {value}" for key, value in info.items()],
              "- device: cpu" + ("" if not torch.cuda.is_available() else " (a GPU is present; see gpu_check.py)"),
              f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} in this process (the privenc "

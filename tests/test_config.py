@@ -1,6 +1,14 @@
 """Config: defaults, presets, overrides, and errors that name the key."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from privenc.config import Config, config_diff, from_dict, load_config, preset_names
 from privenc.errors import ConfigError
@@ -119,6 +127,33 @@ def test_config_file_round_trips_through_toml(tmp_path):
     again = load_config(str(tmp_path / "run" / "config.toml"))
     assert again == config
     assert (tmp_path / "run" / "meta.json").exists()
+
+
+def test_quotes_backslashes_and_lists_of_lists_round_trip_through_toml(tmp_path):
+    config = load_config("demo")
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, root='C:\\data\\"mini" \'x\'\n\u00e9'),
+        encoder=dataclasses.replace(config.encoder, stages=[[4], [8, 8], [16, 16, 16]]))
+    write_config(config, tmp_path / "run")
+    again = load_config(str(tmp_path / "run" / "config.toml"))
+    assert again.data.root == 'C:\\data\\"mini" \'x\'\n\u00e9'
+    assert again.encoder.stages == [[4], [8, 8], [16, 16, 16]]
+    assert again == config
+
+
+OLD_CONFIG = Path(__file__).parent / "data" / "config_written_before_tomli_w.toml"
+
+
+def test_a_config_written_by_the_former_toml_writer_still_loads_as_written():
+    # privenc wrote config.toml by hand (arrays and tables inline) until tomli-w; resuming a run
+    # folder from then compares its config.toml with the config asked for now.
+    written = tomllib.loads(OLD_CONFIG.read_text())
+    config = load_config(str(OLD_CONFIG))
+    loaded = config.to_dict()
+    assert [(s, k, v) for s, table in written.items() for k, v in table.items() if loaded[s][k] != v] == []
+    assert config.data.groups["group1"][:2] == ["arch", "army_base"]
+    assert config.encoder.stages == [[8, 8], [16, 16], [32, 32], [32]]
+    assert tomllib.loads(config.to_toml()) == loaded  # and the new writer writes the same values
 
 
 def test_bad_toml_file_is_a_config_error(tmp_path):

@@ -255,7 +255,7 @@ def test_batch_norms_use_global_batch_statistics_across_ranks(tmp_path: Path) ->
 
 
 def test_paper_reconstruction_shape_and_receptive_field() -> None:
-    # NOTES.md: 224 -> 28x28x3 at stride 8 with a receptive field of exactly 112 (Sec. 3).
+    # The paper (Sec. 3): 224 -> 28x28x3 at stride 8 with a receptive field of exactly 112.
     paper = EncoderConfig(stages=PAPER_STAGES, kernel_size=3, final_kernel_size=3, out_channels=3)
     assert receptive_field(paper) == 112
     # Shape and receptive field do not depend on the widths: build it narrow to stay fast.

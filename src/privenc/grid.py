@@ -64,7 +64,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
                       json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
     todo = [(i, spec, task) for i, (spec, task) in enumerate(cells)
             if i % world == rank and not _cell_done(cell_dir(out_dir, spec, task))]
-    # Longest first: attackers on raw images (Identity) cost about 10x a cell on encodings;
+    # Longest first: attackers on raw images (Identity) cost several times a cell on encodings;
     # started last, they would leave the other workers idle at the end.
     todo.sort(key=lambda cell: cell[1] != "identity")
     skipped = sum(1 for i in range(len(cells)) if i % world == rank) - len(todo)

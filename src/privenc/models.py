@@ -4,9 +4,9 @@ The encoder (Sec. 3) maps a 3xSxS image to a small 3-channel encoding with convo
 spatial pooling only, each convolution followed by a per-location batch norm
 (:mod:`privenc.norms`), the last one without affine parameters: the variance constraint.
 
-Widths and the exact layer layout of Figure 2 are not recoverable from the paper; the
-reconstruction in ``shared/paper/NOTES.md`` (224 -> 28, receptive field 112) is one setting
-of the configuration, and everything here is built from :class:`~privenc.config.EncoderConfig` / :class:`~privenc.config.ClassifierConfig`.
+Widths and the exact layer layout of Figure 2 are not recoverable from the paper; our
+reconstruction (3x3 convolutions and three 2x2 max-pools, 224 -> 28, receptive field 112:
+the ``paper`` preset) is one setting of the configuration, and everything here is built from :class:`~privenc.config.EncoderConfig` / :class:`~privenc.config.ClassifierConfig`.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _receptive_field_of(layers: Iterable[tuple[int, int]]) -> int:
 def receptive_field(cfg: EncoderConfig) -> int:
     """Side of the input window that one encoding element sees (Sec. 3: 112 at 224 -> 28).
 
-    The paper's stated receptive field is what the reconstructed architecture in NOTES.md was
-    fitted to; this lets tests and docs check a config against it without building a model.
+    The paper's stated receptive field is what the reconstructed architecture (the ``paper``
+    preset) was fitted to; this lets tests and docs check a config against it without building a model.
     """
     return _receptive_field_of(_encoder_geometry(cfg))
 
@@ -99,7 +99,7 @@ class Encoder(nn.Module):
                     make_norm(cfg.norm, width, size, size),
                     # Not in place: a per-location BN's output is a view of the kernel's
                     # (B, C*H*W) result, and autograd would turn an in-place ReLU on it into
-                    # strided copies of the whole map (the encoder step 1.4x slower on a CPU).
+                    # strided copies of the whole map (a measured slowdown: docs/performance.md).
                     nn.ReLU(),
                 ]
                 cin = width
@@ -187,7 +187,7 @@ class BlurEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The box is separable even at the border (a clipped window is still a rectangle, and
         # its mean is the mean of row means), so filter rows, keep the sampled columns, then
-        # filter those columns: 2w instead of w^2 operations per output (224 px: 120x faster).
+        # filter those columns: 2w instead of w^2 operations per output.
         keep = slice(self.offset, self.offset + self.factor * (self._output_shape[1] - 1) + 1, self.factor)
         pad = self.window // 2
         rows = F.avg_pool2d(x, (1, self.window), stride=1, padding=(0, pad), count_include_pad=False)

@@ -94,9 +94,9 @@ class PerLocationBatchNorm(nn.Module):
 
     def _flat_batch_norm(self, x: torch.Tensor, view) -> torch.Tensor:
         """One process: per-location BN *is* BatchNorm1d over the flattened locations, so the
-        native kernel does it: forward and backward each one fused call, 2-4x faster on a CPU than
-        the same formula written out in autograd operations (benchmarks/changes.py), with
-        statistics as stable as two passes (tests: mean 100, std 0.01 in float32)."""
+        native kernel does it: forward and backward each one fused call, fewer passes over the
+        batch than the same formula written out in autograd operations (docs/performance.md),
+        with statistics as stable as two passes (tests: mean 100, std 0.01 in float32)."""
         flat = x.reshape(x.shape[0], -1)
 
         def flat_param(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -9,10 +9,8 @@ Two things that a training or verification process on a CPU should not pay for:
 - **Page faults on every large tensor** (``mallopt``): glibc's malloc serves blocks above its
   mmap threshold with fresh ``mmap`` pages and trims freed memory at the top of the heap back
   to the kernel, so a loop that allocates and frees the same few-megabyte activations every
-  step may fault every page of them in again, every step: measured on the demo's encoder
-  (batch 64, 32x32), 4,300-4,800 page faults and 13-15 ms of system time per 41-49 ms forward
-  pass, none with the settings below (docs/performance.md, "CPU allocator", compares whole
-  training iterations). Raising the mmap threshold to its maximum (32 MiB) and the trim
+  step may fault every page of them in again, every step (docs/performance.md, "CPU
+  allocator", has the counts). Raising the mmap threshold to its maximum (32 MiB) and the trim
   threshold to 1 GiB keeps freed blocks in the heap for reuse; the price is that the process
   keeps its peak heap instead of returning it between steps.
 

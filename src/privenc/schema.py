@@ -8,14 +8,15 @@ How a config is put together from a preset, a file and ``--set`` flags is
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import tomli_w
+
 from privenc.errors import ConfigError
 
-# The paper's two groups of ten Places-365 categories (Sec. 4.1 and ../shared/paper/NOTES.md).
+# The paper's two groups of ten Places-365 categories (Sec. 4.1).
 PLACES_GROUPS: dict[str, list[str]] = {
     "group1": [
         "arch", "army_base", "airport_terminal", "airfield", "alley", "arena/hockey",
@@ -37,7 +38,7 @@ ATTACKERS = ("paper", "wide", "mlp", "linear")
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they become tensors (DESIGN.md, "Data")."""
+    """Where images come from and how they become tensors."""
 
     source: str = "synthetic"
     """One of synthetic | places365 | folder | csv."""
@@ -271,25 +272,10 @@ def validate(config: Config) -> None:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Write a two-level dict of plain values as TOML (enough for Config; no dependency)."""
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+    """Write a config dict as TOML: one table per section, nested dicts as subtables.
 
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
+    tomli-w does the quoting and escaping (strings with quotes or backslashes, lists of lists);
+    it writes every array one item a line, which is longer but still plain TOML, so
+    config.toml files written by earlier versions (arrays inline) load the same.
+    """
+    return tomli_w.dumps(data)

@@ -9,9 +9,9 @@ The cache file is named by a hash of the source's fingerprint, the load size and
 it covers, built into a temporary file and renamed into place only when complete, so a crash
 never leaves a half cache that a later run would trust. Processes that want the same cache at
 the same time (the ranks of a node under torchrun, parallel grid cells) take turns on a lock
-file beside it: the first builds, the others wait and then reuse its cache. Where locks are not
-available (no ``fcntl``), racing builders each produce a complete, identical file; the last
-rename wins.
+file beside it (:mod:`filelock`): the first builds, the others wait and then reuse its cache.
+Where the file system has no locks, racing builders each produce a complete, identical file;
+the last rename wins.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import filelock
 import numpy as np
 import torch.utils.data
 from tqdm import tqdm
@@ -156,28 +157,26 @@ def _read_meta(path: Path, source: Source, indices: np.ndarray, load_size: int) 
 
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """Hold the build lock of the cache file ``path`` (no-op where ``fcntl`` is missing)."""
+    """Hold the build lock of the cache file ``path``: a lock file beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # fallback_to_soft=False: where flock is missing, filelock's soft lock would leave a marker
+    # that a killed builder never removes, and every later run would wait on it; building
+    # unlocked is harmless instead (see the module's docstring).
+    lock = filelock.FileLock(path.with_name(f".{path.name}.lock"), fallback_to_soft=False)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: builders may race (harmless, see the module's docstring)
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:  # before OSError: Timeout is a TimeoutError
+            log.info("waiting for another process to finish the image cache %s", path)
+            lock.acquire()
+    except OSError as err:  # a file system without locks (some network mounts): build unlocked
+        log.warning("cannot lock %s (%s); processes that need this cache now may each build it", lock.lock_file, err)
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process to finish the image cache %s", path)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as err:  # a file system without locks (some network mounts): build unlocked
-            log.warning("cannot lock %s (%s); processes that need this cache now may each build it", lock.name, err)
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _builder_id() -> str:

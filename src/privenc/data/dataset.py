@@ -81,8 +81,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         # One copy out of the read-only memmap, HWC uint8 -> CHW as torchvision expects. numpy's
-        # transposing copy is ~3x faster than torch's permute().contiguous() on uint8 and saves
-        # a second copy (benchmarks/loading.py).
+        # transposing copy beats torch's permute().contiguous() on uint8 and saves a second
+        # copy (docs/performance.md).
         image = torch.from_numpy(np.ascontiguousarray(self.images[int(self.indices[k])].transpose(2, 0, 1)))
         return self.transform(image), torch.from_numpy(self.labels[k].copy())
 

@@ -1,4 +1,4 @@
-"""The embedded default data: procedural "synthetic scenes", generated in code (DESIGN.md, "Data").
+"""The embedded default data: procedural "synthetic scenes", generated in code (no download).
 
 Why scenes and not noise: the paper's problem is hard because a Places-365 category is
 signalled by many redundant cues at once (objects, colours, textures, layout), so an encoder

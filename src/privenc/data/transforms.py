@@ -44,8 +44,8 @@ class BatchTransform:
     """The same two transforms applied to a whole uint8 batch at once, on its device.
 
     ``train_transform`` / ``eval_transform`` above work image by image on the CPU; at small
-    resolutions their per-image overhead costs more than the models' compute (about 1 ms an
-    image on the 2-core machine, benchmarks/). Here the random rescale + crop of every image is
+    resolutions their per-image overhead costs more than the models' compute
+    (docs/performance.md). Here the random rescale + crop of every image is
     one affine resampling of the batch (``affine_grid`` + bilinear ``grid_sample``), which also
     runs on a GPU. Differences from the per-image path: the scale is drawn continuously
     (not rounded to whole pixels) and the crop offset is sub-pixel; scales below 1 are not
