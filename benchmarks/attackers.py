@@ -26,18 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fixtures import JpegDataset, frozen_encoder
+from measure import Row, compare, interleave
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader
 
+from privenc.attackers import Encoded, encode_task, fit_classifier
 from privenc.config import Config, VerifyConfig
 from privenc.data import TaskData
 from privenc.data.transforms import train_transform
 from privenc.models import Encoder, build_attacker
 from privenc.stream import BatchStream
-from privenc.verify import Encoded, encode_task, fit_classifier
-
-from fixtures import JpegDataset, frozen_encoder
-from measure import Row, compare, interleave
 
 CPU = torch.device("cpu")
 

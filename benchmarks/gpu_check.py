@@ -59,21 +59,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when imported by path
 
+import flops  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from measure import as_is, git_revision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from privenc.adversarial import Players, classifier_step, encoder_step  # noqa: E402
+from privenc.attackers import Encoded
 from privenc.config import Config, load_config  # noqa: E402
 from privenc.data import ImageDataset  # noqa: E402
 from privenc.data.cache import ImageCache  # noqa: E402
 from privenc.data.transforms import BatchTransform  # noqa: E402
 from privenc.models import Classifier, Encoder, build_attacker  # noqa: E402
 from privenc.stream import BatchStream  # noqa: E402
-from privenc.verify import Encoded, fit_classifier  # noqa: E402
-
-import flops  # noqa: E402
-from measure import as_is, git_revision  # noqa: E402
+from privenc.verify import fit_classifier  # noqa: E402
 
 SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
 SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}

@@ -18,8 +18,8 @@ from privenc.data.images import read_image, resize_square
 from privenc.data.transforms import eval_transform
 from privenc.deploy import formats, shards
 from privenc.errors import CheckpointError, ConfigError, DataError, ExportError
+from privenc.figures import equalize
 from privenc.models import Encoder
-from privenc.report import equalize
 from privenc.runs import load_encoder, save_encoder
 
 # --------------------------------------------------------------------------- fixtures

@@ -466,7 +466,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(command, finishe
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output folder was checked")
 
-    for module in ("privenc.train", "privenc.verify", "privenc.data"):
+    for module in ("privenc.train", "privenc.attackers", "privenc.data"):
         monkeypatch.setattr(f"{module}.prepare", no_work)
     monkeypatch.setattr(dataset, "prepare", no_work)
     monkeypatch.setattr("privenc.deploy.shards._encode_shard", no_work)
@@ -533,10 +533,11 @@ def test_an_encoder_with_non_finite_weights_is_refused_by_verify_and_encode(fini
 
 
 def test_verification_refuses_non_finite_encodings_or_attacker_losses(tmp_path, monkeypatch):
+    import privenc.encoders as encoders_module
     import privenc.verify as verify_module
 
     config = load_config("demo", TINY)
-    real_build = verify_module.build_encoder
+    real_build = encoders_module.build_encoder
 
     class NaNForSome(torch.nn.Module):
         def __init__(self, inner):
@@ -548,10 +549,10 @@ def test_verification_refuses_non_finite_encodings_or_attacker_losses(tmp_path, 
             out[::3] = float("nan")
             return out
 
-    monkeypatch.setattr(verify_module, "build_encoder", lambda *a: NaNForSome(real_build(*a)))
+    monkeypatch.setattr(encoders_module, "build_encoder", lambda *a: NaNForSome(real_build(*a)))
     with pytest.raises(VerificationError, match=r"non-finite values \(NaN or Inf\) for \d+ of \d+ train encodings"):
         verify("blur", config, ["g1c0"], tmp_path / "v", progress=False)
-    monkeypatch.setattr(verify_module, "build_encoder", real_build)
+    monkeypatch.setattr(encoders_module, "build_encoder", real_build)
 
     class NaNOut(torch.nn.Module):
         def forward(self, x):

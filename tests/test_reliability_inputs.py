@@ -445,7 +445,7 @@ def test_verify_of_a_run_uses_the_runs_own_verification_settings_and_tasks(finis
 
 
 def test_an_encoder_is_named_after_its_run_however_it_is_given(finished_run, tmp_path, monkeypatch, capsys):
-    from privenc.verify import encoder_name, run_folder_of
+    from privenc.encoders import encoder_name, run_folder_of
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     monkeypatch.chdir(run)

@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import on_device
 
+from privenc.attackers import Saturation, information_bits, label_entropy_bits
+from privenc.figures import equalize
 from privenc.grid import cell_dir, collect, run_grid
 from privenc.models import BlurEncoder
-from privenc.report import build_report, equalize
+from privenc.report import build_report
 from privenc.train import train
-from privenc.verify import Saturation, information_bits, label_entropy_bits, verify
+from privenc.verify import verify
 
 
 def _events(curve, patience=2, min_delta=0.01):
@@ -93,16 +95,16 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
 
 
 def test_verify_detects_a_changed_encoder(tiny_config, trained_run, tmp_path, monkeypatch):
-    import privenc.verify as verify_module
+    import privenc.attackers as attackers_module
 
-    real = verify_module.encode_task
+    real = attackers_module.encode_task
 
     def tampering(encoder, *args, **kwargs):
         with torch.no_grad():
             next(encoder.parameters()).add_(1.0)
         return real(encoder, *args, **kwargs)
 
-    monkeypatch.setattr(verify_module, "encode_task", tampering)
+    monkeypatch.setattr(attackers_module, "encode_task", tampering)
     with pytest.raises(AssertionError, match="changed during verification"):
         verify(str(trained_run), tiny_config, ["g1c0"], tmp_path / "v", progress=False)
 
@@ -191,8 +193,8 @@ def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
     """verify.channels_last changes how tensors sit in memory, not what the attacker learns."""
     from dataclasses import replace
 
+    from privenc.attackers import Encoded, fit_classifier
     from privenc.models import Classifier
-    from privenc.verify import Encoded, fit_classifier
 
     generator = torch.Generator().manual_seed(0)
     y = {split: torch.randint(0, 2, (n,), generator=generator) for split, n in (("train", 96), ("val", 40),
@@ -215,7 +217,7 @@ def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
 
 def test_balanced_accuracy_is_the_mean_recall_of_a_known_confusion_matrix():
     from privenc.adversarial import balanced_accuracy
-    from privenc.verify import balanced_accuracy_chance
+    from privenc.attackers import balanced_accuracy_chance
 
     # class 0: 8 images, 6 right; class 1: 2 images, 1 right; class 2: 5 images, 5 right
     labels = torch.tensor([0] * 8 + [1] * 2 + [2] * 5)
@@ -229,7 +231,7 @@ def test_balanced_accuracy_is_the_mean_recall_of_a_known_confusion_matrix():
 
 def test_bootstrap_interval_contains_the_point_and_narrows_with_more_test_images():
     from privenc.adversarial import balanced_accuracy
-    from privenc.verify import bootstrap_balanced_accuracy
+    from privenc.attackers import bootstrap_balanced_accuracy
 
     generator = torch.Generator().manual_seed(1)
     widths = []
@@ -262,8 +264,8 @@ def test_the_strongest_attacker_is_chosen_by_validation_balanced_accuracy():
 def test_the_kept_checkpoint_is_the_one_with_the_best_validation_balanced_accuracy(tiny_config):
     from dataclasses import replace
 
+    from privenc.attackers import Encoded, fit_classifier
     from privenc.models import Classifier
-    from privenc.verify import Encoded, fit_classifier
 
     generator = torch.Generator().manual_seed(0)
     # unbalanced labels (80% class 0) with a learnable signal

@@ -46,26 +46,21 @@ import torch
 from tqdm.auto import tqdm
 
 from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.attackers import Encoded, encode_for_attackers
 from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
 from privenc.distributed import resolve_device
-from privenc.errors import ConfigError
-from privenc.models import build_attacker
-from privenc.runs import ENCODER_FILE, refuse_run_folder
-from privenc.verify import (
-    Encoded,
+from privenc.encoders import (
     LoadedEncoder,
     assert_unchanged,
-    attacker_record,
     check_tasks,
-    encode_for_attackers,
     freeze,
     learned_encoder_path,
     load_encoder_spec,
-    roles_from_run,
-    selection_score,
-    strongest,
-    verify,
 )
+from privenc.errors import ConfigError
+from privenc.models import build_attacker
+from privenc.runs import ENCODER_FILE, refuse_run_folder
+from privenc.verify import attacker_record, roles_from_run, selection_score, strongest, verify
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +129,7 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
                device: str, threads: int | None = None) -> str:
     """Train one attacker and write its record to ``path`` (atomically: a trial is done when
     its file exists)."""
-    from privenc.verify import fit_classifier
+    from privenc.attackers import fit_classifier
 
     if threads is not None:  # a spawned worker: the parent's settings are not inherited
         from privenc.runtime import keep_freed_memory

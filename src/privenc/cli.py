@@ -29,22 +29,6 @@ def _config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _demo_config(overrides: list[str]):
-    """The demo preset, which commands given no --config fall back to. Its tasks are synthetic
-    category names: when --set points the data at another source they are dropped, unless --set
-    names them too, so that only tasks the user chose reach that source."""
-    from privenc.config import load_config
-
-    config = load_config("demo", overrides)
-    if config.data.source != "synthetic":
-        named = {item.partition("=")[0].strip() for item in overrides}
-        for key in ("train.private", "train.desirable", "verify.tasks"):
-            if key not in named:
-                section, _, name = key.partition(".")
-                setattr(getattr(config, section), name, [])
-    return config
-
-
 # --------------------------------------------------------------------------- subcommands
 
 
@@ -95,6 +79,7 @@ def _with_source(config, source: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from privenc import distributed, runs
+    from privenc.config import demo_config
     from privenc.errors import ConfigError
     from privenc.train import train
 
@@ -116,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("privenc train needs --out RUN (a new run folder) or --resume RUN")
         run_dir = Path(args.out)
         runs.check_new_run_folder(run_dir, world.rank)
-        config = _config_from_args(args) if args.config else _demo_config(args.overrides)
+        config = _config_from_args(args) if args.config else demo_config(args.overrides)
         path = train(config, run_dir, progress=not args.no_progress)
     if world.is_main:
         print(f"encoder: {path}")
@@ -124,46 +109,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _verification_config(args: argparse.Namespace, encoders: list[str]):
-    """``--config``, else the config of the first trained encoder's run: its [verify] settings
-    (a paper-preset run is verified by the paper's protocol) and its data (the baselines of a
-    grid see the same images), else the demo preset. ``--set`` applies on top; a trained encoder
-    brings its own data, encoder and classifier config, so the --set values outside verify.* that
-    it replaces are named in a warning (in a grid they still reach the baselines)."""
-    from privenc.config import config_diff
-    from privenc.runs import CONFIG_FILE, read_config
-    from privenc.verify import BASELINES, run_folder_of
+    from privenc.encoders import verification_config
 
-    run_dirs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
-    verify_sets = [item for item in args.overrides if item.strip().startswith("verify.")]
-    ignored = [item for item in args.overrides if item not in verify_sets]
-    if run_dirs and ignored:
-        baselines = [e for e in encoders if e in BASELINES]
-        log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
-                    "(%s): %s; only verify.* settings apply to them%s",
-                    ", ".join(str(run / CONFIG_FILE) for run in run_dirs), ", ".join(ignored),
-                    f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
-                    if baselines else "")
-    if args.config is not None:
-        return _config_from_args(args)
-    if not run_dirs:
-        return _demo_config(args.overrides)
-    args.config = str(run_dirs[0] / CONFIG_FILE)
-    config = _config_from_args(args)
-    log.info("verification settings from %s (no --config given)", args.config)
-    for other in run_dirs[1:]:
-        theirs = read_config(other, verify_sets)
-        diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": config.to_dict()["verify"]})
-        if diff:
-            log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
-                        other, args.config, "; ".join(diff))
-    return config
+    return verification_config(encoders, args.config, args.overrides)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from privenc.encoders import default_tasks
     from privenc.verify import verify
 
     config = _verification_config(args, [args.encoder])
-    tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
+    tasks = args.tasks or config.verify.tasks or default_tasks(args.encoder, config)
     if not tasks:  # a baseline under a config that names no task (the defaults name none)
         from privenc.config import ConfigError
 
@@ -173,16 +129,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'verify.json'}")
     return 0
-
-
-def _default_tasks(encoder: str, config) -> list[str]:
-    """A run's own private and desirable tasks; for a baseline or an encoder file alone, the config's."""
-    from privenc.runs import read_config
-    from privenc.verify import run_folder_of
-
-    run = run_folder_of(encoder)
-    source = read_config(run) if run is not None else config
-    return [*source.train.private, *source.train.desirable]
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -202,9 +148,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from privenc.audit import audit
+    from privenc.encoders import default_tasks
 
     config = _verification_config(args, [args.encoder])
-    tasks = args.tasks or config.verify.tasks or _default_tasks(args.encoder, config)
+    tasks = args.tasks or config.verify.tasks or default_tasks(args.encoder, config)
     result = audit(args.encoder, config, tasks, Path(args.out), margin=args.margin, max_rounds=args.max_rounds,
                    max_minutes=args.max_minutes, jobs=args.jobs, identity=args.identity, fail_above=args.fail_above,
                    device=args.device, progress=not args.no_progress)

@@ -95,6 +95,20 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
         raise
 
 
+def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The demo preset, which commands given no --config fall back to. Its tasks are synthetic
+    category names: when ``overrides`` point the data at another source they are dropped, unless
+    the overrides name them too, so that only tasks the user chose reach that source."""
+    config = load_config("demo", overrides)
+    if config.data.source != "synthetic":
+        named = {item.partition("=")[0].strip() for item in overrides}
+        for key in ("train.private", "train.desirable", "verify.tasks"):
+            if key not in named:
+                section, _, name = key.partition(".")
+                setattr(getattr(config, section), name, [])
+    return config
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()

@@ -22,9 +22,10 @@ import torch
 from privenc import distributed
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.config import Config, from_dict
+from privenc.encoders import check_tasks, encoder_name, load_encoder_spec
 from privenc.errors import ConfigError
 from privenc.runs import config_changes, refuse_run_folder
-from privenc.verify import check_tasks, encoder_name, load_encoder_spec, verify
+from privenc.verify import verify
 
 log = logging.getLogger(__name__)
 

@@ -62,6 +62,12 @@ def refuse_run_folder(folder: Path, command: str) -> None:
         raise ConfigError(f"{folder} is a training run folder; give {command} an output folder of its own (--out)")
 
 
+def role_label(private: list[str], desirable: list[str]) -> str:
+    """A run named by its tasks as the paper's tables do: '-army_base +airport_terminal' inhibits
+    army_base and keeps airport_terminal."""
+    return " ".join([*(f"-{t}" for t in private), *(f"+{t}" for t in desirable)])
+
+
 def read_config(folder: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     return load_config(str(Path(folder) / CONFIG_FILE), overrides)
 

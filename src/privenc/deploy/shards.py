@@ -26,8 +26,8 @@ from privenc.data.transforms import eval_transform
 from privenc.deploy.contract import input_contract, open_encoder
 from privenc.distributed import resolve_device
 from privenc.errors import ConfigError, DataError
+from privenc.figures import equalize
 from privenc.models import Encoder
-from privenc.report import equalize
 
 log = logging.getLogger(__name__)
 

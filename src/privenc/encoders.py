@@ -1,0 +1,161 @@
+"""The encoders that verification, the grid and the audit take: a trained run (its folder or its
+encoder.pt), or a baseline of the paper (Identity: raw images; Naive Blur), each with the data
+config it is verified on; frozen while attackers train on it, and checked afterwards.
+"""
+
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from privenc import runs
+from privenc.config import Config, DataConfig, config_diff, demo_config, load_config
+from privenc.data import open_source, parse_task
+from privenc.errors import ConfigError
+from privenc.models import build_encoder
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("identity", "blur")
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class LoadedEncoder:
+    name: str
+    kind: str               # learned | identity | blur
+    module: nn.Module
+    config: Config          # the config that defines its data (a run's own, for learned encoders)
+    run_dir: Path | None    # training run folder (its splits are reused)
+
+
+def learned_encoder_path(spec: str) -> Path:
+    """The path of a learned encoder given to ``verify`` or ``grid`` (a training run folder or
+    its ``encoder.pt``); anything else is a ConfigError that says what was expected."""
+    path = Path(spec)
+    expected = "give a training run folder, its encoder.pt, 'identity' or 'blur'"
+    if not path.exists():
+        raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
+    if path.is_dir() and not runs.is_finished(path):
+        what = "an unfinished training run" if runs.is_run(path) else "not a training run folder"
+        raise ConfigError(f"encoder {spec!r} is {what} (no {runs.ENCODER_FILE} inside); {expected}")
+    if path.is_file() and (path.suffix in (".onnx", ".safetensors", ".json") or path.name.endswith(".torchscript.pt")):
+        raise ConfigError(f"encoder {spec!r} is an exported file; verification loads the encoder it was exported "
+                          f"from: {expected}")
+    return path
+
+
+def run_folder_of(spec: str) -> Path | None:
+    """The training run folder of a learned encoder given as that folder or as its encoder.pt:
+    the folder holding its config.toml. None for a baseline, any other file (an encoder file
+    alone, or copied into another run's folder under another name), or a path that is not there
+    (:func:`learned_encoder_path` says what is wrong with it)."""
+    if spec in BASELINES:
+        return None
+    path = Path(spec).resolve()
+    folder = path if path.is_dir() else path.parent if path.name == runs.ENCODER_FILE and path.is_file() else None
+    return folder if folder is not None and runs.is_run(folder) else None
+
+
+def encoder_name(spec: str) -> str:
+    """How results name an encoder: a baseline's name, its run folder's name (also when given
+    as the run's encoder.pt), else the file name."""
+    if spec in BASELINES:
+        return spec
+    folder = run_folder_of(spec)
+    return folder.name if folder is not None else Path(spec).resolve().name
+
+
+def check_tasks(data: DataConfig, tasks: list[str]) -> None:
+    """Parse every task against the data it will be verified on: errors name the task."""
+    source = open_source(data)
+    for task in tasks:
+        parse_task(task, source)
+
+
+def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
+    """``identity``, ``blur``, a training run folder or its encoder.pt. A learned encoder in a
+    run folder brings its own data config (input size, split) and reuses the run's splits; an
+    encoder file alone is verified on ``config``'s data, which must have its input size.
+    Verification settings are always ``config``'s."""
+    if spec in BASELINES:
+        module = build_encoder(spec, config.encoder, config.data.image_size)
+        return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
+    path = learned_encoder_path(spec)
+    module = runs.load_encoder(path, device)
+    run_dir = run_folder_of(spec)
+    run_config = runs.read_config(run_dir) if run_dir is not None else copy.deepcopy(config)
+    run_config.verify = config.verify
+    if module.image_size != run_config.data.image_size:
+        where = (f"its run's config ({run_dir / runs.CONFIG_FILE}) says {run_config.data.image_size}" if run_dir
+                 else f"the data config gives {run_config.data.image_size} (data.image_size; an encoder file "
+                      f"alone is verified on the --config data: give its run folder, or set data.image_size)")
+        raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
+    return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
+
+
+def freeze(module: nn.Module) -> dict[str, torch.Tensor]:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor], name: str) -> None:
+    """The probe pattern's last check: verification must not have moved the fixed encoder."""
+    for key, value in module.state_dict().items():
+        if not torch.equal(value, snapshot[key]):
+            raise AssertionError(f"encoder {name} changed during verification ({key})")
+
+
+# --------------------------------------------------------------------------- encode once
+
+
+# --------------------------------------------------------------------------- which config verifies them
+
+
+def verification_config(encoders: list[str], config: str | None, overrides: list[str]) -> Config:
+    """``config`` (a preset or file), else the config of the first trained encoder's run: its
+    [verify] settings (a paper-preset run is verified by the paper's protocol) and its data (the
+    baselines of a grid see the same images), else the demo preset. ``overrides`` apply on top; a
+    trained encoder brings its own data, encoder and classifier config, so the overrides outside
+    verify.* that it replaces are named in a warning (in a grid they still reach the baselines)."""
+    run_dirs = [folder for folder in map(run_folder_of, encoders) if folder is not None]
+    verify_sets = [item for item in overrides if item.strip().startswith("verify.")]
+    ignored = [item for item in overrides if item not in verify_sets]
+    if run_dirs and ignored:
+        baselines = [e for e in encoders if e in BASELINES]
+        log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
+                    "(%s): %s; only verify.* settings apply to them%s",
+                    ", ".join(str(run / runs.CONFIG_FILE) for run in run_dirs), ", ".join(ignored),
+                    f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
+                    if baselines else "")
+    if config is not None:
+        return load_config(config, overrides)
+    if not run_dirs:
+        return demo_config(overrides)
+    source = str(run_dirs[0] / runs.CONFIG_FILE)
+    chosen = load_config(source, overrides)
+    log.info("verification settings from %s (no --config given)", source)
+    for other in run_dirs[1:]:
+        theirs = runs.read_config(other, verify_sets)
+        diff = config_diff({"verify": theirs.to_dict()["verify"]}, {"verify": chosen.to_dict()["verify"]})
+        if diff:
+            log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
+                        other, source, "; ".join(diff))
+    return chosen
+
+
+def default_tasks(encoder: str, config: Config) -> list[str]:
+    """A run's own private and desirable tasks; for a baseline or an encoder file alone, the config's."""
+    run = run_folder_of(encoder)
+    source = runs.read_config(run) if run is not None else config
+    return [*source.train.private, *source.train.desirable]
