@@ -19,6 +19,17 @@ TINY = [
 ]
 
 
+class PayloadMarker:
+    """Unpickling this would create ``path``: a stand-in for a malicious payload in a file that
+    must be loaded with ``weights_only=True``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     import os

@@ -358,6 +358,10 @@ def test_blur_encoder_matches_a_hand_computation() -> None:
                 expected[0, c, i, j] = total / count
     got = blur(torch.from_numpy(image))
     assert np.allclose(got.numpy(), expected, atol=1e-6)
+    # one channel (grey images): the same filter, channel by channel
+    grey = BlurEncoder(image_size=16, out_size=2, in_channels=1)
+    assert grey.output_shape == (1, 2, 2)
+    assert np.allclose(grey(torch.from_numpy(image[:, 1:2])).numpy(), expected[:, 1:2], atol=1e-6)
 
 
 def test_blur_encoder_at_the_paper_size() -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, PayloadMarker
 from privenc import checkpoint as ckpt
 from privenc.cli import main
 from privenc.config import load_config
@@ -134,16 +134,6 @@ def _places_case(extra: str):
 # --------------------------------------------------------------------------- checkpoints and resuming
 
 
-class _Marker:
-    """Unpickling this would create ``path``: a stand-in for a malicious payload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def _bad_checkpoint(kind: str):
     def build(tmp_path: Path, run: Path) -> list[str]:
         run = Path(shutil.copytree(run, tmp_path / "run"))
@@ -156,7 +146,7 @@ def _bad_checkpoint(kind: str):
         elif kind == "truncated":
             path.write_bytes(path.read_bytes()[:1000])
         else:
-            torch.save({"format_version": 1, "step": 9, "x": _Marker(tmp_path / "payload-ran")}, path)
+            torch.save({"format_version": 1, "step": 9, "x": PayloadMarker(tmp_path / "payload-ran")}, path)
         return ["-q", "train", "--resume", str(run), "--no-progress"]
     return build
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from privenc.grid import cell_dir, collect, run_grid
-from privenc.models import BlurEncoder
 from privenc.report import build_report, equalize
 from privenc.train import train
 from privenc.verify import Saturation, information_bits, label_entropy_bits, verify
@@ -42,19 +41,6 @@ def test_information_estimate():
     # an attacker at chance (CE = ln 2) learns nothing; a perfect one (CE = 0) learns 1 bit
     assert information_bits(labels, 2, 0.6931471805599453) == pytest.approx(0.0, abs=1e-9)
     assert information_bits(labels, 2, 0.0) == pytest.approx(1.0)
-
-
-def test_blur_baseline_on_a_tiny_image():
-    image = torch.zeros(1, 1, 16, 16)
-    image[0, 0, :, 8:] = 1.0  # right half white
-    blur = BlurEncoder(16, 2, in_channels=1)
-    out = blur(image)
-    assert out.shape == (1, 1, 2, 2)
-    # window 9 (round(120/224*16) = 9), samples at pixel 4 and 12 of each axis
-    left = sum(1.0 for x in range(0, 9) if x >= 8) / 9  # columns 0..8 around x=4, one of them white
-    right = sum(1.0 for x in range(8, 16) if x >= 8) / 8  # columns 8..15 (clipped) around x=12
-    assert torch.allclose(out[0, 0, :, 0], torch.tensor([left, left]), atol=1e-6)
-    assert torch.allclose(out[0, 0, :, 1], torch.tensor([right, right]), atol=1e-6)
 
 
 @pytest.fixture
@@ -143,28 +129,6 @@ def test_equalize_is_rank_per_location():
     eq = equalize(values)
     assert eq[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.5]
     assert eq[:, 0, 0, 1].tolist() == [1.0, 0.0, 0.5]
-
-
-def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
-    """jobs=2: the two encoders train in parallel processes, then the cells run in parallel."""
-    from privenc.demo import run_demo
-
-    report = run_demo(tmp_path / "demo", tiny_config, jobs=2, progress=False)
-    text = report.read_text()
-    assert "## Table 1" in text and "## Table 2" in text
-    for loss in ("label_flip", "standard_gan"):
-        assert (tmp_path / "demo" / "runs" / loss / "encoder.pt").exists()
-        assert f"| {loss} |" in text  # one Table 1 row per encoder loss
-    records = collect(tmp_path / "demo" / "grid")
-    assert {r["encoder"] for r in records} == {"label_flip", "standard_gan", "identity", "blur"}
-    assert {r["task"] for r in records} == {"g1c0", "g1c1", "g1c2"}  # private, desirable, other
-    roles = {(r["encoder"], r["task"]): r["role"] for r in records}
-    assert roles[("label_flip", "g1c0")] == "private" and roles[("label_flip", "g1c1")] == "desirable"
-    assert {roles[("identity", t)] for t in ("g1c0", "g1c1", "g1c2")} == {"other"}  # baselines unmarked
-    # a rerun reuses every finished step
-    before = (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns
-    run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
-    assert (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns == before
 
 
 def test_wilson_interval_matches_a_hand_computation():
