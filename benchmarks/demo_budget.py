@@ -10,8 +10,9 @@ stage took from its own records (``metrics.jsonl``'s last ``elapsed_s``, each ce
 ``seconds``), and divides. The yardstick is measured here, in the same run, on one thread: a
 3x3 convolution at the demo's largest map (forward and backward, channels-last) and a square
 matrix product, once alone and once in two processes at the same time (the demo runs its
-stages two at a time, which shares the memory bandwidth and the last-level cache). A stage far below the yardstick spends its time outside convolutions and
-matrix products (normalization, pooling, the optimizer, data, Python); a stage near it can
+stages two at a time, which shares the memory bandwidth and the last-level cache). A stage
+far below the yardstick spends its time outside convolutions and matrix products
+(normalization, pooling, the optimizer, data, Python); a stage near it can
 only get faster by doing less arithmetic.
 
 Counted: training = warm-up iterations x one classifier step + adversarial iterations x
@@ -37,11 +38,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flops import iteration_flops  # noqa: E402
-
 from privenc.config import load_config  # noqa: E402
 from privenc.models import build_attacker, build_encoder  # noqa: E402
 from privenc.runtime import tune_process  # noqa: E402
+
+from flops import iteration_flops  # noqa: E402
 
 
 def training_flops(config) -> float:
@@ -108,7 +109,8 @@ def yardsticks(config, batch: int, seconds: float = 3.0) -> dict[str, float]:
     conv_flops = counter.get_total_flops()
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     return {
-        f"conv {width}->{width} 3x3 at {size}x{size}, batch {batch}, fwd+bwd": conv_flops / _median_seconds(conv_step, seconds) / 1e9,
+        f"conv {width}->{width} 3x3 at {size}x{size}, batch {batch}, fwd+bwd":
+            conv_flops / _median_seconds(conv_step, seconds) / 1e9,
         "matmul 1024^3": 2 * 1024 ** 3 / _median_seconds(lambda: a @ b, seconds) / 1e9,
     }
 
@@ -175,7 +177,8 @@ def budget(demo: Path, seconds: float = 3.0) -> str:
     total_seconds = sum(r[3] for r in rows)
     out.append(f"| all stages (CPU-seconds) | | {_gflop(total_flops)} | {total_seconds:.1f} | "
                f"{total_flops / total_seconds / 1e9:.1f} | {total_flops / total_seconds / 1e9 / best:.0%} |")
-    out += ["", f"At the convolution's rate the counted work alone would take {total_flops / best / 1e9:.0f} CPU-seconds, "
+    out += ["", "At the convolution's rate the counted work alone would take "
+            f"{total_flops / best / 1e9:.0f} CPU-seconds, "
             f"{total_flops / best / 1e9 / 2:.0f} s of wall time on two cores; the stages took "
             f"{total_seconds:.0f} CPU-seconds."]
     return "\n".join(out) + "\n"

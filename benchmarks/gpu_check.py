@@ -140,7 +140,8 @@ def training(config: Config, device: torch.device, rounds: int, seconds: float, 
              flops_per_iteration: float) -> tuple[list[list[str]], dict[str, float]]:
     variants = [StepVariant("eager fp32", False, False, False), StepVariant("bf16 autocast", True, False, False),
                 StepVariant("bf16 + channels_last", True, True, False),
-                *(StepVariant(f"bf16 + channels_last, per-location BN {name.split(':')[0]}", True, True, False, norm=name)
+                *(StepVariant(f"bf16 + channels_last, per-location BN {name.split(':')[0]}", True, True, False,
+                              norm=name)
                   for name in NORM_VERSIONS if not name.startswith("current"))]
     if use_compile:
         variants.append(StepVariant("bf16 + channels_last + torch.compile (encoder)", True, True, True))
@@ -242,7 +243,8 @@ def encoding_rates(config: Config, device: torch.device, rounds: int, seconds: f
     cl = Encoder(config.encoder, size).to(device).eval().to(memory_format=torch.channels_last)
     images = torch.randn(batch, 3, size, size, device=device)
     images_cl = images.contiguous(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else torch.autocast("cpu", enabled=False))
 
     @torch.inference_mode()
     def fp32() -> int:

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   tmp_dir / "jpeg-paper"),
                               min(repeats, 3), cached_iters=10 if quick else 60, naive_iters=1, from_cache=False)
                 section.notes.append(bound_note(paper_attack, "paper", paper_attack.verify.batch_size))
-                section.notes.append(f"Paper preset on a CPU: attacker batch {args.paper_attack_batch} (the preset's is "
+                section.notes.append(f"Paper preset on a CPU: attacker batch {args.paper_attack_batch} "
+                                     f"(the preset's is "
                                      f"128), one re-encoding iteration per run, 60 cached ones (fit_classifier with "
                                      f"its final evaluations, which a real run spreads over far more iterations: "
                                      f"with 10 they were most of the time measured); the cached side trains on random "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from privenc.config import Config, load_config
+from privenc.train import train
 
 PLACES_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "places365-mini"
 
@@ -41,6 +42,18 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_config() -> Config:
     return load_config("demo", TINY)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished tiny run (9 steps; checkpoints at 4, 8, 9), trained on one thread; the
+    reliability tests work on copies of it (one training for both of their files)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(load_config("demo", TINY), run, progress=False)
+    torch.set_num_threads(threads)
+    return run
 
 
 @pytest.fixture(autouse=True)

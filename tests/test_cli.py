@@ -79,14 +79,16 @@ def _sets(items) -> list[str]:
 
 def test_quiet_is_accepted_before_or_after_the_subcommand():
     parser = build_parser()
-    for argv, quiet in ((["verify", "identity", "--out", "v"], False), (["-q", "verify", "identity", "--out", "v"], True),
+    for argv, quiet in ((["verify", "identity", "--out", "v"], False),
+                        (["-q", "verify", "identity", "--out", "v"], True),
                         (["verify", "identity", "--out", "v", "-q"], True), (["data", "inspect", "-q"], True)):
         assert parser.parse_args(argv).quiet is quiet, argv
 
 
 def test_a_grid_checks_every_encoder_and_task_before_running_any_cell(tmp_path, capsys):
     grid = tmp_path / "grid"
-    assert main(["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", "g9c9", *_sets(TINY), "--out", str(grid)]) == 2
+    assert main(["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", "g9c9", *_sets(TINY),
+                 "--out", str(grid)]) == 2
     assert "task 'g9c9': unknown category" in capsys.readouterr().err
     assert main(["-q", "grid", "--encoders", "identity", str(tmp_path / "nope"), "--tasks", "g1c0", *_sets(TINY),
                  "--out", str(grid)]) == 2

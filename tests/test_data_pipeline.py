@@ -19,9 +19,16 @@ from PIL import Image
 
 from privenc.config import DataConfig
 from privenc.data import (
-    DataError, FolderSource, ImageDataset, LazyImages, inspect, open_images, open_source, prepare,
+    DataError,
+    FolderSource,
+    ImageDataset,
+    LazyImages,
+    cache,
+    inspect,
+    open_images,
+    open_source,
+    prepare,
 )
-from privenc.data import cache
 from privenc.data.cache import cache_file
 from privenc.data.images import resize_square
 from privenc.data.transforms import eval_transform, train_transform
@@ -32,7 +39,7 @@ MINI = Path(__file__).resolve().parents[2] / "shared/data/places365-mini"
 def make_tree(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
     """Class folders of small noise images of varied shapes (so resizing is exercised)."""
     rng = np.random.default_rng(seed)
-    for c, (category, n) in enumerate(counts.items()):
+    for category, n in counts.items():
         for j in range(n):
             h, w = 14 + j % 5, 12 + (j * 3) % 9
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

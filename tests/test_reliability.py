@@ -63,18 +63,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run (9 steps; checkpoints at 4, 8, 9), trained on one thread; tests
-    work on copies of it (test_reliability_inputs.py uses it too)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train(load_config("demo", TINY), run, progress=False)
-    torch.set_num_threads(threads)
-    return run
-
-
 def _copy(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to

@@ -25,7 +25,6 @@ from privenc import checkpoint as ckpt
 from privenc.cli import main
 from privenc.config import load_config
 from privenc.models import Encoder
-from test_reliability import finished_run  # noqa: F401  (a session fixture: one training for both files)
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -256,7 +255,8 @@ CATALOGUE = {
     "Places label out of range": (_places_case("/a/airfield/00000099.jpg 999\n"),
                                   r"places365_train_standard\.txt:19: unknown label '999'"),
     "Places label not matching its path": (_places_case("/a/airfield/00000099.jpg 1\n"),
-                                           r":19: '/a/airfield/00000099\.jpg' is labelled 1 \(alley\) but does not lie"),
+                                           r":19: '/a/airfield/00000099\.jpg' is labelled 1 \(alley\) "
+                                           r"but does not lie"),
     # splits and tasks
     "split fraction of 0": (_config_case("data.split=[0.8, 0.2, 0.0]"), r"data\.split leaves a split empty"),
     "split left empty by too few images": (
@@ -298,7 +298,8 @@ CATALOGUE = {
     "resume with a changed --set": (_resume_changed("set"),
                                     r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume with an edited config.toml": (_resume_changed("edit"),
-                                          r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
+                                          r"refusing to resume with a changed config"
+                                          r"(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
     "new run into a folder of other files": (_train_into, r"photos is not empty and not a training run folder"),
@@ -476,8 +477,8 @@ def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cell
                  "--out", str(grid)]) == 2
     assert "task 'g9c9': unknown category" in capsys.readouterr().err and not grid.exists()
     # ... and that data must have the encoder's input size.
-    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0", *_sets([*TINY, "data.image_size=48", "data.load_size=52"]),
-                 "--out", str(grid)]) == 2
+    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0",
+                 *_sets([*TINY, "data.image_size=48", "data.load_size=52"]), "--out", str(grid)]) == 2
     err = capsys.readouterr().err
     assert "takes 16x16 images, but the data config gives 48" in err and "Traceback" not in err
     # A run folder's cells use the run's own data: here a folder source with categories c0, c1, c2.

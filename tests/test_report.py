@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY
 from privenc.config import load_config, write_run_config
 from privenc.report import build_report
 from privenc.train import read_metrics, train
-
-from conftest import TINY
 
 TWO_PRIVATE = 'train.private=["g1c0", "g1c2"]'
 

@@ -32,7 +32,8 @@ def _changed(before, module):
 def test_classifier_step_changes_only_classifier_weights(tiny_config):
     players = _players(tiny_config)
     opt = torch.optim.Adam(players.classifier_parameters(), lr=1e-2)
-    enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
+    enc, priv = _params(players.encoder), _params(players.private_classifiers)
+    des = _params(players.desirable_classifier)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 1))
     stats = classifier_step(players, opt, images, labels, labels[:, 0])
     assert not _changed(enc, players.encoder)
@@ -44,7 +45,8 @@ def test_classifier_step_changes_only_classifier_weights(tiny_config):
 def test_encoder_step_changes_only_encoder_weights(tiny_config, loss):
     players = _players(tiny_config)
     opt = torch.optim.Adam(players.encoder.parameters(), lr=1e-2)
-    enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
+    enc, priv = _params(players.encoder), _params(players.private_classifiers)
+    des = _params(players.desirable_classifier)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 1))
     encoder_step(players, opt, images, labels, labels[:, 0], loss, alpha=0.0625)
     assert _changed(enc, players.encoder)
@@ -123,8 +125,9 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkey
 
 def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
-    import privenc.train as train_module
     from dataclasses import replace
+
+    import privenc.train as train_module
 
     calls = {"classifier": 0, "encoder": 0}
 

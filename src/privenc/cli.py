@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
-    p.add_argument("--out", required=True, help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
+    p.add_argument("--out", required=True,
+                   help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)

@@ -10,7 +10,8 @@ final per-location BN without affine parameters enforces the paper's generic-uti
 
 Widths and the exact layer layout of Figure 2 are not recoverable from the paper; the
 reconstruction in ``shared/paper/NOTES.md`` (224 -> 28, receptive field 112) is one setting
-of the configuration, and everything here is built from :class:`~privenc.config.EncoderConfig` / :class:`~privenc.config.ClassifierConfig`.
+of the configuration, and everything here is built from :class:`~privenc.config.EncoderConfig` /
+:class:`~privenc.config.ClassifierConfig`.
 """
 
 from __future__ import annotations

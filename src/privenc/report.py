@@ -324,7 +324,8 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
     for run in runs:
         encoder = load_encoder(Path(run["path"]))
         with torch.no_grad():
-            rows.append((f"{run['name']}\n{encoder_label(run)}\n({run['encoder_loss']}, {run['norm']})", encoder(images)))
+            label = f"{run['name']}\n{encoder_label(run)}\n({run['encoder_loss']}, {run['norm']})"
+            rows.append((label, encoder(images)))
     count = min(count, n)
     fig, axes = plt.subplots(len(rows), count, figsize=(1.3 * count, 1.4 * len(rows)), squeeze=False)
     for row, (title, tensor) in enumerate(rows):
@@ -370,7 +371,8 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
     if runs:
         sections += ["## Table 1 — private-task accuracy within adversarial training vs after verification", "",
                      "Within training: the adversarially trained private classifier on validation images, balanced "
-                     "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. Verification: the strongest fresh attacker "
+                     "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. "
+                     "Verification: the strongest fresh attacker "
                      "(selected by validation accuracy) on the fixed encoder.", "", t1, ""]
     if records:
         sections += ["## Table 2 — test accuracy under the verification protocol", "",

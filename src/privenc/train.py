@@ -30,8 +30,8 @@ from privenc import distributed
 from privenc.adversarial import ACCURACY_SUFFIX, Players, classifier_step, encoder_step, evaluate
 from privenc.config import Config, write_run_config
 from privenc.data import TaskData, prepare
-from privenc.data.transforms import BatchTransform
 from privenc.data.tasks import combine_tasks
+from privenc.data.transforms import BatchTransform
 from privenc.models import Classifier, Encoder
 from privenc.stream import BatchStream
 
