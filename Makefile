@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 # Everything (what CI runs): the lint, then the whole suite.
 test: lint
 	$(PY) -m pytest -q
+
+# The edit loop: the suite without the tests marked slow (torchrun, kills, the demo).
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .

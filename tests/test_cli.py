@@ -39,6 +39,7 @@ def test_data_inspect_synthetic(capsys):
     assert "g1c0" in out and "g2c7" in out
 
 
+@pytest.mark.slow
 def test_train_verify_report_through_the_cli(tmp_path, capsys):
     sets = sum((["--set", s] for s in TINY), [])
     run = tmp_path / "run"
@@ -53,11 +54,13 @@ def test_train_verify_report_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "privenc", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("privenc ")
 
 
+@pytest.mark.slow
 def test_quiet_silences_every_progress_bar_including_the_image_cache(tmp_path):
     sets = [arg for s in TINY for arg in ("--set", s)]
 
@@ -96,6 +99,7 @@ def test_a_grid_checks_every_encoder_and_task_before_running_any_cell(tmp_path, 
     assert not grid.exists()  # neither the identity cell nor anything else ran
 
 
+@pytest.mark.slow
 def test_training_without_a_bar_logs_each_log_step_and_records_the_version(tmp_path, caplog):
     import json
 

@@ -191,6 +191,7 @@ def test_a_file_system_without_locks_still_gets_its_cache(tmp_path, monkeypatch,
     np.testing.assert_array_equal(images[2], resize_square(source.load(2), 12))
 
 
+@pytest.mark.slow
 def test_a_builder_that_dies_hands_the_build_to_a_waiting_process(tmp_path):
     # The kernel drops a dead process's lock; the process that waited finds no cache and builds it.
     pytest.importorskip("fcntl")

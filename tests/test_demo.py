@@ -1,11 +1,14 @@
 """The demo pipeline end to end on tiny settings, and a rerun that reuses it."""
 
+import pytest
+
 from conftest import TINY
 from privenc.config import load_config
 from privenc.demo import run_demo
 from privenc.grid import collect
 
 
+@pytest.mark.slow
 def test_the_demo_end_to_end_and_its_rerun(tmp_path):
     """jobs=2: the two encoders train in parallel processes, then the cells run in parallel;
     the rerun (jobs=1) finds every step finished."""

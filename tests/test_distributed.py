@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import TINY
@@ -29,6 +30,7 @@ def _sets(extra=()):
     return [x for s in [*TINY, *extra] for x in ("--set", s.replace(" ", ""))]
 
 
+@pytest.mark.slow
 def test_data_parallel_training_and_resume(tmp_path):
     run = tmp_path / "run"
     out = _torchrun("train", *_sets(), "--out", str(run), "--no-progress")
@@ -45,6 +47,7 @@ def test_data_parallel_training_and_resume(tmp_path):
     assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_path):
     # What `torchrun --nnodes 2 --rdzv_backend c10d ...` does on two machines, on one: two node
     # agents of 2 ranks each, a shared run folder, a node-local image cache per node.
@@ -73,6 +76,7 @@ def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_p
     assert len(ckpt.load(run / "checkpoints" / "last.pt")["rng_ranks"]) == 4
 
 
+@pytest.mark.slow
 def test_grid_cells_are_spread_over_ranks_and_run_once(tmp_path):
     grid = tmp_path / "grid"
     tasks = ["g1c0", "g1c1", "g1c2"]

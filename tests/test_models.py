@@ -222,6 +222,7 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, x: torch
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_batch_norms_use_global_batch_statistics_across_ranks(tmp_path: Path) -> None:
     # Two gloo processes with unequal local batches must reproduce one process on the
     # concatenated batch: outputs, input gradients, summed parameter gradients, buffers; for the
@@ -419,6 +420,7 @@ def test_unknown_attacker_family_lists_the_valid_ones() -> None:
         build_attacker("transformer", ClassifierConfig(), 3, 2, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on a CPU needs a C compiler")
 def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input() -> None:

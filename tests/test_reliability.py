@@ -226,6 +226,7 @@ def _images(root: Path, count: int) -> Path:
 # --------------------------------------------------------------------------- killed mid-run
 
 
+@pytest.mark.slow
 def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(tmp_path):
     overrides = [*TINY, "train.iters=24", "train.checkpoint_every=1", "train.device=cpu"]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
@@ -272,6 +273,7 @@ def test_traces_of_a_kill_are_ignored_on_resume(finished_run, tmp_path):
     assert not _tmp_files(stopped)
 
 
+@pytest.mark.slow
 def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
     run, images = _tiny_encoder_run(tmp_path / "run"), _images(tmp_path / "images", 44)
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
@@ -298,6 +300,7 @@ def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
     assert (killed / "manifest.jsonl").read_text() == (tmp_path / "straight" / "manifest.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_grid_killed_at_a_random_moment_loses_no_cell_and_runs_none_twice(tmp_path):
     encoders, tasks = ["identity", "blur"], ["g1c0", "g1c1"]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"

@@ -466,6 +466,7 @@ def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_pa
     assert main(["-q", "train", *_sets(TINY), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cells_use(finished_run, tmp_path, capsys):
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     loose = tmp_path / "loose" / "encoder.pt"
@@ -528,6 +529,7 @@ def test_quiet_also_between_data_and_inspect():
     assert build_parser().parse_args(["data", "-q", "inspect"]).quiet is True
 
 
+@pytest.mark.slow
 def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path, capsys):
     # path,gender,age with some ages unknown: the first attribute column draws the splits, and
     # the images in the run for gender whose age is unknown take no part in the age losses.
@@ -540,6 +542,7 @@ def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path,
     assert "NaN" not in metrics and (tmp_path / "new" / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_steps_without_a_known_label_are_left_out_of_the_logged_accuracy(tmp_path, capsys):
     # Age is known for 4 of 30 images: most batches of 4 hold none. Their accuracy is NaN, which
     # must neither stop training as a non-finite value nor reach metrics.jsonl.

@@ -84,6 +84,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_encoder(tiny_config, tmp_path)
     assert encoder(x).shape == (2, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_config, tmp_path):
     train(tiny_config, tmp_path / "straight", progress=False)
     # the same run, stopped after 4 steps (a checkpoint), then resumed to the end
@@ -103,6 +104,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
     assert steps == sorted(set(steps)), "a metrics record was logged twice"
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkeypatch):
     import privenc.adversarial as adversarial
 
@@ -123,6 +125,7 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkey
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
     from dataclasses import replace

@@ -50,6 +50,7 @@ def trained_run(tiny_config, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_config, trained_run, tmp_path,
                                                                             monkeypatch):
     import privenc.verify as verify_module
@@ -76,6 +77,7 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
     assert "Strongest attacker" in (tmp_path / "v" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_verify_detects_a_changed_encoder(tiny_config, trained_run, tmp_path, monkeypatch):
     import privenc.verify as verify_module
 
@@ -100,6 +102,7 @@ def test_not_saturated_is_reported(tiny_config, tmp_path):
     assert "(not saturated)" in (tmp_path / "v" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_grid_skips_finished_cells_and_report_holds_the_numbers(tiny_config, trained_run, tmp_path, monkeypatch):
     grid = tmp_path / "grid"
     records = run_grid([str(trained_run), "identity"], ["g1c0", "g1c1"], tiny_config, grid)
@@ -149,6 +152,7 @@ def test_grid_runs_identity_cells_first(tiny_config, tmp_path, monkeypatch):
     assert order == [("identity", "g1c0"), ("identity", "g1c1"), ("blur", "g1c0"), ("blur", "g1c1")]
 
 
+@pytest.mark.slow
 def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
     """verify.channels_last changes how tensors sit in memory, not what the attacker learns."""
     from dataclasses import replace
