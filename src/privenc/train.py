@@ -103,9 +103,17 @@ def encoder_lr(config: Config, step: int) -> float:
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
+    world = distributed.setup(config.train.device)
+    try:
+        return _train(config, Path(run_dir), resume, progress, world)
+    finally:
+        # after every rank's last collective (the closing barrier), and on an error too: no
+        # rank exits with the process group open (distributed.teardown says why)
+        distributed.teardown(world)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: distributed.World) -> Path:
     t = config.train
-    run_dir = Path(run_dir)
-    world = distributed.setup(t.device)
     device = resolve_device(t.device, world.local_rank if world.distributed else None)
     if world.is_main:
         ckpt.ensure_writable(run_dir / "checkpoints")  # fail now, not at the first checkpoint
