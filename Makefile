@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/activate
 demo: $(VENV)/.installed
 	$(VENV)/bin/privenc demo --out $(DEMO_OUT)
 
-test: $(VENV)/.installed-test
+# Everything (what CI runs): the lint, then the whole suite.
+test: lint
 	$(PY) -m pytest -q
+
+# The edit loop: the suite without the tests marked slow (torchrun, kills, the demo).
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py

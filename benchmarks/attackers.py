@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fixtures import JpegDataset, frozen_encoder
-from measure import Row, compare, interleave
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader
 
@@ -37,6 +35,9 @@ from privenc.data import TaskData
 from privenc.data.transforms import train_transform
 from privenc.models import Encoder, build_attacker
 from privenc.stream import BatchStream
+
+from fixtures import JpegDataset, frozen_encoder
+from measure import Row, compare, interleave
 
 CPU = torch.device("cpu")
 

@@ -8,14 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from fixtures import JpegDataset, frozen_encoder
-from measure import Row, compare, interleave
 from torch.utils.data import DataLoader
 
 from privenc.attackers import encode_task
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.data.transforms import eval_transform, train_transform
+
+from fixtures import JpegDataset, frozen_encoder
+from measure import Row, compare, interleave
 
 SPLITS = ("train", "val", "test")
 

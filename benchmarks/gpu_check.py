@@ -59,10 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when imported by path
 
-import flops  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from measure import as_is, git_revision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from privenc.adversarial import Players, classifier_step, encoder_step  # noqa: E402
@@ -74,6 +72,9 @@ from privenc.data.transforms import BatchTransform  # noqa: E402
 from privenc.models import Classifier, Encoder, build_attacker  # noqa: E402
 from privenc.stream import BatchStream  # noqa: E402
 from privenc.verify import fit_classifier  # noqa: E402
+
+import flops  # noqa: E402
+from measure import as_is, git_revision  # noqa: E402
 
 SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
 SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}
@@ -540,10 +541,12 @@ def loader_markdown(record: dict[str, Any]) -> str:
         return NOTHING
     demand = record.get("demand_images_per_s")
     rows = [[f"{n} workers" + (" (data.num_workers default)" if n == "0" else ""), _g(rate),
-             f"{rate / demand:.2f}x" if demand else "-", ("keeps up" if rate >= demand else "BOTTLENECK") if demand else "-"]
+             f"{rate / demand:.2f}x" if demand else "-",
+             ("keeps up" if rate >= demand else "BOTTLENECK") if demand else "-"]
             for n, rate in record.get("rates", {}).items()]
     return (f"- BatchStream over a uint8 cache of {record.get('images')} images at {record.get('load_size')} px, "
-            f"each 8 times an epoch, batch {record.get('batch')}, pinned on CUDA, BatchTransform on the device to {record.get('image_size')} px; "
+            f"each 8 times an epoch, batch {record.get('batch')}, pinned on CUDA, BatchTransform on the device "
+            f"to {record.get('image_size')} px; "
             f"{record.get('cores')} CPU cores\n- the step's demand: {_g(demand)} images/s "
             f"({record.get('demand_from')}, 2 x batch x it/s)\n\n"
             + markdown(rows, ["loader", "images/s", "of demand", "verdict"]))
@@ -599,7 +602,8 @@ def attackers_markdown(record: dict[str, Any]) -> str:
              _g(10000 / r["attacker_iterations_per_s"])] for family, r in record.get("rates", {}).items()]
     return (f"- fit_classifier on {record.get('encodings')} cached encodings of shape {record.get('shape')} "
             f"(host memory, as verify holds them), batch {batch}, one final evaluation per fit\n\n"
-            + markdown(rows, ["family", "iterations timed", "attacker-iterations/s", "images/s", "s per 10k iterations"]))
+            + markdown(rows, ["family", "iterations timed", "attacker-iterations/s", "images/s",
+                              "s per 10k iterations"]))
 
 
 # --------------------------------------------------------------------------- 5. smoke
@@ -609,14 +613,16 @@ def smoke_settings(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """--config/--set arguments of the smoke's train and verify."""
     private, desirable = SMOKE_TASKS
     if args.quick:
-        train = ["--config", "demo", *_sets(["data.image_size=16", "data.load_size=18", "data.synthetic_per_category=20",
+        train = ["--config", "demo", *_sets(["data.image_size=16", "data.load_size=18",
+                                              "data.synthetic_per_category=20",
                                              "encoder.stages=[[4], [8]]", "classifier.stages=[[8], [8]]",
                                              "train.batch_size=8", "train.warmup_iters=2", "train.iters=2"])]
     else:
         # The paper preset with the data switched to the synthetic scenes at the preset's 256 ->
         # 224 px: 64 per category give a training pool above one batch of 128.
         train = ["--config", "paper", *_sets(["data.source=synthetic", "data.synthetic_per_category=64",
-                                              f"train.warmup_iters={args.smoke_warmup}", f"train.iters={args.smoke_iters}"])]
+                                              f"train.warmup_iters={args.smoke_warmup}",
+                                              f"train.iters={args.smoke_iters}"])]
     train += _sets([f"train.private={private}", f"train.desirable={desirable}", "train.log_every=50",
                     "train.val_batches=1", "train.checkpoint_every=100"])
     verify = _sets(["verify.attackers=[\"paper\"]", "verify.seeds=[0]", "verify.views=1",

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from attackers import encode, fit_on_cache
-from measure import Row, compare, interleave
-from training import LibraryTrainer
-
 from privenc.attackers import Encoded
 from privenc.config import Config
 from privenc.data import TaskData
 from privenc.models import IdentityEncoder
+
+from attackers import encode, fit_on_cache
+from measure import Row, compare, interleave
+from training import LibraryTrainer
 
 NCHW = "NCHW (channels_last = false, the default)"
 CHANNELS_LAST = "channels-last (channels_last = true, the demo preset)"

@@ -16,12 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fixtures import JpegDataset
-from measure import Row, as_is, compare, interleave
 from torch.utils.data import DataLoader
 
 from privenc.data import ImageDataset, TaskData
 from privenc.data.transforms import BatchTransform, train_transform
+
+from fixtures import JpegDataset
+from measure import Row, as_is, compare, interleave
 
 
 def loading(data: TaskData, jpegs: list[Path], repeats: int, batch_size: int = 64,

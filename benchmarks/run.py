@@ -30,13 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import fixtures
-import flops
 import torch
-from measure import Section, git_revision, load_average, machine, one_minute_load
-from tables import median_of, table, targets, write_report
 
 from privenc.data.cache import default_cache_dir
+
+import fixtures
+import flops
+from measure import Section, git_revision, load_average, machine, one_minute_load
+from tables import median_of, table, targets, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("flops", "training", "layout", "threads", "encoding", "attackers", "loading")

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fixtures import JpegDataset, demo_config, prepare_data
-from measure import Row, compare, interleave
 from torch.utils.data import DataLoader
 
 from privenc import losses
@@ -33,6 +31,9 @@ from privenc.data import TaskData
 from privenc.data.transforms import train_transform
 from privenc.stream import BatchStream
 from privenc.train import build_players, desirable_target
+
+from fixtures import JpegDataset, demo_config, prepare_data
+from measure import Row, compare, interleave
 
 
 def _split_labels(labels: torch.Tensor, n_private: int, has_desirable: bool):

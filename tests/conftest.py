@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from privenc.config import Config, load_config
+from privenc.train import train
 
 PLACES_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "places365-mini"
 
@@ -21,6 +22,17 @@ TINY = [
     "train.iters=6", "train.log_every=3", "train.checkpoint_every=4", "train.val_batches=1",
     "verify.batch_size=8", "verify.eval_every=2", "verify.patience=1", "verify.max_iters=12", "verify.views=1",
 ]
+
+
+class PayloadMarker:
+    """Unpickling this would create ``path``: a stand-in for a malicious payload in a file that
+    must be loaded with ``weights_only=True``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -75,6 +87,18 @@ def device(monkeypatch) -> torch.device:
 def on_device(config: Config, device: torch.device) -> Config:
     """``config`` with training on ``device``."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, device=str(device)))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished tiny run (9 steps; checkpoints at 4, 8, 9), trained on one thread; the
+    reliability tests work on copies of it (one training for both of their files)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(load_config("demo", TINY), run, progress=False)
+    torch.set_num_threads(threads)
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from conftest import TINY
 
 import privenc.audit as audit_module
+from conftest import TINY
 from privenc.audit import LR_LADDER, _verdict, audit, round_trials
 from privenc.cli import main
 from privenc.config import ATTACKERS, load_config

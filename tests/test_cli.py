@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from privenc.cli import build_parser, main
 
 
@@ -78,6 +78,7 @@ def test_the_demo_fallback_brings_no_synthetic_task_to_other_data(tmp_path, caps
     assert "no task; give --task" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_verify_report_through_the_cli(tmp_path, capsys):
     sets = sum((["--set", s] for s in TINY), [])
     run = tmp_path / "run"
@@ -92,11 +93,13 @@ def test_train_verify_report_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "privenc", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("privenc ")
 
 
+@pytest.mark.slow
 def test_quiet_silences_every_progress_bar_including_the_image_cache(tmp_path):
     sets = [arg for s in TINY for arg in ("--set", s)]
 
@@ -118,14 +121,16 @@ def _sets(items) -> list[str]:
 
 def test_quiet_is_accepted_before_or_after_the_subcommand():
     parser = build_parser()
-    for argv, quiet in ((["verify", "identity", "--out", "v"], False), (["-q", "verify", "identity", "--out", "v"], True),
+    for argv, quiet in ((["verify", "identity", "--out", "v"], False),
+                        (["-q", "verify", "identity", "--out", "v"], True),
                         (["verify", "identity", "--out", "v", "-q"], True), (["data", "inspect", "-q"], True)):
         assert parser.parse_args(argv).quiet is quiet, argv
 
 
 def test_a_grid_checks_every_encoder_and_task_before_running_any_cell(tmp_path, capsys):
     grid = tmp_path / "grid"
-    assert main(["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", "g9c9", *_sets(TINY), "--out", str(grid)]) == 2
+    assert main(["-q", "grid", "--encoders", "identity", "--tasks", "g1c0", "g9c9", *_sets(TINY),
+                 "--out", str(grid)]) == 2
     assert "task 'g9c9': unknown category" in capsys.readouterr().err
     assert main(["-q", "grid", "--encoders", "identity", str(tmp_path / "nope"), "--tasks", "g1c0", *_sets(TINY),
                  "--out", str(grid)]) == 2
@@ -133,6 +138,7 @@ def test_a_grid_checks_every_encoder_and_task_before_running_any_cell(tmp_path, 
     assert not grid.exists()  # neither the identity cell nor anything else ran
 
 
+@pytest.mark.slow
 def test_training_without_a_bar_logs_each_log_step_and_records_the_version(tmp_path, caplog):
     import json
 

@@ -39,7 +39,7 @@ MINI = Path(__file__).resolve().parents[2] / "shared/data/places365-mini"
 def make_tree(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
     """Class folders of small noise images of varied shapes (so resizing is exercised)."""
     rng = np.random.default_rng(seed)
-    for c, (category, n) in enumerate(counts.items()):
+    for category, n in counts.items():
         for j in range(n):
             h, w = 14 + j % 5, 12 + (j * 3) % 9
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -191,6 +191,7 @@ def test_a_file_system_without_locks_still_gets_its_cache(tmp_path, monkeypatch,
     np.testing.assert_array_equal(images[2], resize_square(source.load(2), 12))
 
 
+@pytest.mark.slow
 def test_a_builder_that_dies_hands_the_build_to_a_waiting_process(tmp_path):
     # The kernel drops a dead process's lock; the process that waited finds no cache and builds it.
     pytest.importorskip("fcntl")
@@ -411,7 +412,8 @@ def test_grouped_splits_are_recorded_and_inspected(tmp_path):
     summary = json.loads((tmp_path / "run" / "tasks.json").read_text())
     assert summary["group_by"] == "person" and sum(summary["groups_per_split"].values()) == 10
     person_of = dict(zip(data.source.ids, data.source.attributes["person"]))
-    people = [{person_of[i] for i in (tmp_path / "run" / "splits" / f"{s}.txt").read_text().split()} for s in data.splits]
+    people = [{person_of[i] for i in (tmp_path / "run" / "splits" / f"{s}.txt").read_text().split()}
+              for s in data.splits]
     assert sum(map(len, people)) == len(set().union(*people)) == 10  # every person in exactly one split file
     report = inspect(cfg)
     assert "disjoint by person: 10 groups (train " in report and "none in two splits" in report

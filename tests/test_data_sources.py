@@ -282,7 +282,8 @@ def test_folder_source(tmp_path, caplog):
     write_image(root / "stray.png")
     with caplog.at_level(logging.WARNING):
         source = FolderSource(root)
-    assert source.ids == ["cat/000.png", "cat/001.png", "dog/000.png", "dog/001.png", "dog/002.png", "dog/puppies/p.jpg"]
+    assert source.ids == ["cat/000.png", "cat/001.png", "dog/000.png", "dog/001.png", "dog/002.png",
+                          "dog/puppies/p.jpg"]
     assert source.attributes["category"] == ["cat"] * 2 + ["dog"] * 4
     assert source.groups == {"all": ["cat", "dog"]} and source.empty_categories == ("empty",)
     assert "stray" not in " ".join(source.ids) and "belong to no category" in caplog.text

@@ -109,7 +109,8 @@ def test_no_two_categories_are_confusable_in_several_cues():
     """Neighbouring values (one step on the circle of orientations, hues or directions) are easy
     to confuse; no pair of categories may be neighbours in two cue types, and similar shapes never
     come with neighbouring textures (else one noisy cue would decide between them)."""
-    similar_shapes = {frozenset(p) for p in [("disk", "square"), ("disk", "ring"), ("square", "ring"), ("plus", "cross")]}
+    similar_shapes = {frozenset(p) for p in
+                      [("disk", "square"), ("disk", "ring"), ("square", "ring"), ("plus", "cross")]}
     for group, rows in ASSIGNMENT.items():
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
 
+from conftest import TINY, PayloadMarker
 from privenc import deploy
 from privenc.cli import main
 from privenc.config import load_config
@@ -322,16 +322,6 @@ def test_export_cli_writes_the_file_and_its_contract(run, tmp_path, capsys):
 # --------------------------------------------------------------------------- refusing bad files
 
 
-class _Marker:
-    """Unpickling this would create ``path``: a stand-in for a malicious payload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def _bad_encoder_file(kind: str, run: Path, tmp_path: Path) -> Path:
     """Replace ``run/encoder.pt`` by a bad one of ``kind``; returns the marker path (pickled)."""
     path = run / "encoder.pt"
@@ -347,14 +337,14 @@ def _bad_encoder_file(kind: str, run: Path, tmp_path: Path) -> Path:
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "pickled":
-        torch.save({"format_version": 1, "kind": "learned", "x": _Marker(marker)}, path)
+        torch.save({"format_version": 1, "kind": "learned", "x": PayloadMarker(marker)}, path)
     return marker
 
 
 def test_the_pickled_payload_is_real(tmp_path):
     """The payload used below does run when loaded unsafely (so its refusal means something)."""
     marker = tmp_path / "ran"
-    torch.save({"x": _Marker(marker)}, tmp_path / "proof.pt")
+    torch.save({"x": PayloadMarker(marker)}, tmp_path / "proof.pt")
     torch.load(tmp_path / "proof.pt", weights_only=False)["x"].close()
     assert marker.exists()
 

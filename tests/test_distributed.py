@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from privenc import checkpoint as ckpt
 from privenc.grid import cell_dir
 
@@ -29,6 +30,7 @@ def _sets(extra=()):
     return [x for s in [*TINY, *extra] for x in ("--set", s.replace(" ", ""))]
 
 
+@pytest.mark.slow
 def test_data_parallel_training_and_resume(tmp_path):
     run = tmp_path / "run"
     out = _torchrun("train", *_sets(), "--out", str(run), "--no-progress")
@@ -45,6 +47,7 @@ def test_data_parallel_training_and_resume(tmp_path):
     assert ckpt.load(run / "checkpoints" / "last.pt")["step"] == 12
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_path):
     # What `torchrun --nnodes 2 --rdzv_backend c10d ...` does on two machines, on one: two node
     # agents of 2 ranks each, a shared run folder, a node-local image cache per node.
@@ -73,6 +76,7 @@ def test_two_nodes_meet_through_a_rendezvous_and_each_builds_its_own_cache(tmp_p
     assert len(ckpt.load(run / "checkpoints" / "last.pt")["rng_ranks"]) == 4
 
 
+@pytest.mark.slow
 def test_grid_cells_are_spread_over_ranks_and_run_once(tmp_path):
     grid = tmp_path / "grid"
     tasks = ["g1c0", "g1c1", "g1c2"]
@@ -99,3 +103,49 @@ def test_grid_ranks_of_a_node_each_take_their_own_gpu(tmp_path, monkeypatch, tin
     monkeypatch.setattr(grid, "_run_cell", lambda spec, task, config, out, device, threads: given.append(device))
     grid.run_grid(["identity"], ["g1c0"], tiny_config, tmp_path / "grid", device="auto")
     assert given == ["cuda:1"]
+
+
+def test_teardown_leaves_only_a_process_group_that_setup_joined(monkeypatch):
+    # torch.distributed faked: what matters is which calls setup and teardown make.
+    from privenc import distributed
+
+    group = {"open": False, "destroyed": 0}
+
+    def destroy():
+        group.update(open=False, destroyed=group["destroyed"] + 1)
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: group["open"])
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: group.update(open=True))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+
+    world = distributed.setup("cpu")
+    assert world.joined and (world.rank, world.size) == (1, 2) and group["open"]
+    distributed.teardown(world)
+    assert group == {"open": False, "destroyed": 1}
+
+    group["open"] = True  # joined by the caller before: the caller leaves it
+    world = distributed.setup("cpu")
+    assert not world.joined
+    distributed.teardown(world)
+    assert group == {"open": True, "destroyed": 1}
+
+
+def test_train_leaves_the_process_group_it_joined_also_when_it_fails(monkeypatch, tiny_config, tmp_path):
+    # A rank must not exit with its group open (distributed.teardown); an error is no exception.
+    from privenc import distributed
+    from privenc import train as train_module
+
+    left = []
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.World(joined=True))
+    monkeypatch.setattr(distributed, "teardown", lambda world: left.append(world))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("data preparation failed")
+
+    monkeypatch.setattr(train_module, "prepare", broken)
+    with pytest.raises(RuntimeError, match="data preparation failed"):
+        train_module.train(tiny_config, tmp_path / "run", progress=False)
+    assert left == [distributed.World(joined=True)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import chosen_device
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -219,6 +219,7 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, x: torch
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_batch_norms_use_global_batch_statistics_across_ranks(tmp_path: Path) -> None:
     # Two gloo processes with unequal local batches must reproduce one process on the
     # concatenated batch: outputs, input gradients, summed parameter gradients, buffers; for the
@@ -354,6 +355,10 @@ def test_blur_encoder_matches_a_hand_computation() -> None:
                 expected[0, c, i, j] = total / count
     got = blur(torch.from_numpy(image))
     assert np.allclose(got.numpy(), expected, atol=1e-6)
+    # one channel (grey images): the same filter, channel by channel
+    grey = BlurEncoder(image_size=16, out_size=2, in_channels=1)
+    assert grey.output_shape == (1, 2, 2)
+    assert np.allclose(grey(torch.from_numpy(image[:, 1:2])).numpy(), expected[:, 1:2], atol=1e-6)
 
 
 def test_blur_encoder_at_the_paper_size() -> None:
@@ -412,6 +417,7 @@ def test_unknown_attacker_family_lists_the_valid_ones() -> None:
         build_attacker("transformer", ClassifierConfig(), 3, 2, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on a CPU needs a C compiler")
 def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input(device) -> None:

@@ -27,10 +27,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
 
 import privenc
+from conftest import TINY
 from privenc import atomic, deploy
 from privenc import checkpoint as ckpt
 from privenc.cli import main
@@ -63,18 +63,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run (9 steps; checkpoints at 4, 8, 9), trained on one thread; tests
-    work on copies of it (test_reliability_inputs.py uses it too)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train(load_config("demo", TINY), run, progress=False)
-    torch.set_num_threads(threads)
-    return run
 
 
 def _copy(run: Path, to: Path) -> Path:
@@ -240,6 +228,7 @@ def _images(root: Path, count: int) -> Path:
 # --------------------------------------------------------------------------- killed mid-run
 
 
+@pytest.mark.slow
 def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(tmp_path):
     overrides = [*TINY, "train.iters=24", "train.checkpoint_every=1", "train.device=cpu"]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
@@ -286,6 +275,7 @@ def test_traces_of_a_kill_are_ignored_on_resume(finished_run, tmp_path):
     assert not _tmp_files(stopped)
 
 
+@pytest.mark.slow
 def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
     run, images = _tiny_encoder_run(tmp_path / "run"), _images(tmp_path / "images", 44)
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
@@ -312,6 +302,7 @@ def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
     assert (killed / "manifest.jsonl").read_text() == (tmp_path / "straight" / "manifest.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_grid_killed_at_a_random_moment_loses_no_cell_and_runs_none_twice(tmp_path):
     encoders, tasks = ["identity", "blur"], ["g1c0", "g1c1"]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"

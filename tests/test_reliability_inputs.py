@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
-from test_reliability import finished_run  # noqa: F401  (a session fixture: one training for both files)
 
+from conftest import TINY, PayloadMarker
 from privenc import checkpoint as ckpt
 from privenc.cli import main
 from privenc.config import load_config
@@ -134,16 +133,6 @@ def _places_case(extra: str):
 # --------------------------------------------------------------------------- checkpoints and resuming
 
 
-class _Marker:
-    """Unpickling this would create ``path``: a stand-in for a malicious payload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def _bad_checkpoint(kind: str):
     def build(tmp_path: Path, run: Path) -> list[str]:
         run = Path(shutil.copytree(run, tmp_path / "run"))
@@ -156,7 +145,7 @@ def _bad_checkpoint(kind: str):
         elif kind == "truncated":
             path.write_bytes(path.read_bytes()[:1000])
         else:
-            torch.save({"format_version": 1, "step": 9, "x": _Marker(tmp_path / "payload-ran")}, path)
+            torch.save({"format_version": 1, "step": 9, "x": PayloadMarker(tmp_path / "payload-ran")}, path)
         return ["-q", "train", "--resume", str(run), "--no-progress"]
     return build
 
@@ -266,7 +255,8 @@ CATALOGUE = {
     "Places label out of range": (_places_case("/a/airfield/00000099.jpg 999\n"),
                                   r"places365_train_standard\.txt:19: unknown label '999'"),
     "Places label not matching its path": (_places_case("/a/airfield/00000099.jpg 1\n"),
-                                           r":19: '/a/airfield/00000099\.jpg' is labelled 1 \(alley\) but does not lie"),
+                                           r":19: '/a/airfield/00000099\.jpg' is labelled 1 \(alley\) "
+                                           r"but does not lie"),
     # splits and tasks
     "split fraction of 0": (_config_case("data.split=[0.8, 0.2, 0.0]"), r"data\.split leaves a split empty"),
     "split left empty by too few images": (
@@ -308,7 +298,8 @@ CATALOGUE = {
     "resume with a changed --set": (_resume_changed("set"),
                                     r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume with an edited config.toml": (_resume_changed("edit"),
-                                          r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
+                                          r"refusing to resume with a changed config"
+                                          r"(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
     "new run into a folder of other files": (_train_into, r"photos is not empty and not a training run folder"),
@@ -475,6 +466,7 @@ def test_a_run_stopped_before_its_config_was_written_may_be_started_again(tmp_pa
     assert main(["-q", "train", *_sets(TINY), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cells_use(finished_run, tmp_path, capsys):
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     loose = tmp_path / "loose" / "encoder.pt"
@@ -486,8 +478,8 @@ def test_a_grid_takes_an_encoder_file_and_checks_tasks_against_the_data_its_cell
                  "--out", str(grid)]) == 2
     assert "task 'g9c9': unknown category" in capsys.readouterr().err and not grid.exists()
     # ... and that data must have the encoder's input size.
-    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0", *_sets([*TINY, "data.image_size=48", "data.load_size=52"]),
-                 "--out", str(grid)]) == 2
+    assert main(["-q", "grid", "--encoders", str(loose), "--tasks", "g1c0",
+                 *_sets([*TINY, "data.image_size=48", "data.load_size=52"]), "--out", str(grid)]) == 2
     err = capsys.readouterr().err
     assert "takes 16x16 images, but the data config gives 48" in err and "Traceback" not in err
     # A run folder's cells use the run's own data: here a folder source with categories c0, c1, c2.
@@ -542,6 +534,7 @@ def test_quiet_also_between_data_and_inspect():
     assert build_parser().parse_args(["data", "-q", "inspect"]).quiet is True
 
 
+@pytest.mark.slow
 def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path, capsys):
     # path,gender,age with some ages unknown: the first attribute column draws the splits, and
     # the images in the run for gender whose age is unknown take no part in the age losses.
@@ -554,6 +547,7 @@ def test_a_csv_of_attributes_alone_trains_with_unknown_values_left_out(tmp_path,
     assert "NaN" not in metrics and (tmp_path / "new" / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_steps_without_a_known_label_are_left_out_of_the_logged_accuracy(tmp_path, capsys):
     # Age is known for 4 of 30 images: most batches of 4 hold none. Their accuracy is NaN, which
     # must neither stop training as a non-finite value nor reach metrics.jsonl.

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from privenc.config import load_config
 from privenc.report import build_report
 from privenc.runs import read_metrics, write_config
@@ -166,6 +166,7 @@ def test_a_report_without_runs_writes_only_table2_and_drops_an_earlier_reports_c
     assert "report_table1.csv" not in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_trained_run_with_two_private_tasks_reports_both(tmp_path):
     """Ties the report to the keys training logs: val_private{k}_acc for the k-th private task."""
     config = load_config("demo", TINY + [TWO_PRIVATE])

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from privenc import runs
 from privenc.config import load_config
 from privenc.errors import ConfigError

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import on_device
 from torch import nn
 
+from conftest import on_device
 from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config
@@ -35,7 +35,8 @@ def _changed(before, module):
 def test_classifier_step_changes_only_classifier_weights(tiny_config, device):
     players = _players(tiny_config, device)
     opt = torch.optim.Adam(players.classifier_parameters(), lr=1e-2)
-    enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
+    enc, priv = _params(players.encoder), _params(players.private_classifiers)
+    des = _params(players.desirable_classifier)
     images, labels = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 2, (8, 1), device=device)
     stats = classifier_step(players, opt, images, labels, labels[:, 0])
     assert not _changed(enc, players.encoder)
@@ -47,7 +48,8 @@ def test_classifier_step_changes_only_classifier_weights(tiny_config, device):
 def test_encoder_step_changes_only_encoder_weights(tiny_config, loss, device):
     players = _players(tiny_config, device)
     opt = torch.optim.Adam(players.encoder.parameters(), lr=1e-2)
-    enc, priv, des = _params(players.encoder), _params(players.private_classifiers), _params(players.desirable_classifier)
+    enc, priv = _params(players.encoder), _params(players.private_classifiers)
+    des = _params(players.desirable_classifier)
     images, labels = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 2, (8, 1), device=device)
     encoder_step(players, opt, images, labels, labels[:, 0], loss, alpha=0.0625)
     assert _changed(enc, players.encoder)
@@ -85,6 +87,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_encoder(tiny_config, tmp_path,
     assert encoder(x).shape == (2, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_config, tmp_path, device):
     tiny_config = on_device(tiny_config, device)
     train(tiny_config, tmp_path / "straight", progress=False)
@@ -105,6 +108,7 @@ def test_resume_is_exact(tiny_config, tmp_path, device):
     assert steps == sorted(set(steps)), "a metrics record was logged twice"
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkeypatch):
     import privenc.adversarial as adversarial
 
@@ -125,6 +129,7 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_config, tmp_path, monkey
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
     from dataclasses import replace

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import on_device
 
+from conftest import on_device
 from privenc.attackers import Saturation, information_bits, label_entropy_bits
 from privenc.figures import equalize
 from privenc.grid import cell_dir, collect, run_grid
-from privenc.models import BlurEncoder
 from privenc.report import build_report
 from privenc.train import train
 from privenc.verify import verify
@@ -47,19 +46,6 @@ def test_information_estimate():
     assert information_bits(labels, 2, 0.0) == pytest.approx(1.0)
 
 
-def test_blur_baseline_on_a_tiny_image():
-    image = torch.zeros(1, 1, 16, 16)
-    image[0, 0, :, 8:] = 1.0  # right half white
-    blur = BlurEncoder(16, 2, in_channels=1)
-    out = blur(image)
-    assert out.shape == (1, 1, 2, 2)
-    # window 9 (round(120/224*16) = 9), samples at pixel 4 and 12 of each axis
-    left = sum(1.0 for x in range(0, 9) if x >= 8) / 9  # columns 0..8 around x=4, one of them white
-    right = sum(1.0 for x in range(8, 16) if x >= 8) / 8  # columns 8..15 (clipped) around x=12
-    assert torch.allclose(out[0, 0, :, 0], torch.tensor([left, left]), atol=1e-6)
-    assert torch.allclose(out[0, 0, :, 1], torch.tensor([right, right]), atol=1e-6)
-
-
 @pytest.fixture
 def trained_run(tiny_config, tmp_path_factory, device):
     run = tmp_path_factory.mktemp("runs") / "lf"
@@ -67,6 +53,7 @@ def trained_run(tiny_config, tmp_path_factory, device):
     return run
 
 
+@pytest.mark.slow
 def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_config, trained_run, tmp_path,
                                                                             monkeypatch, device):
     import privenc.verify as verify_module
@@ -94,6 +81,7 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
     assert "Strongest attacker" in (tmp_path / "v" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_verify_detects_a_changed_encoder(tiny_config, trained_run, tmp_path, monkeypatch):
     import privenc.attackers as attackers_module
 
@@ -118,6 +106,7 @@ def test_not_saturated_is_reported(tiny_config, tmp_path, device):
     assert "(not saturated)" in (tmp_path / "v" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_grid_skips_finished_cells_and_report_holds_the_numbers(tiny_config, trained_run, tmp_path, monkeypatch):
     grid = tmp_path / "grid"
     records = run_grid([str(trained_run), "identity"], ["g1c0", "g1c1"], tiny_config, grid)
@@ -149,28 +138,6 @@ def test_equalize_is_rank_per_location():
     assert eq[:, 0, 0, 1].tolist() == [1.0, 0.0, 0.5]
 
 
-def test_demo_pipeline_end_to_end_on_tiny_data(tiny_config, tmp_path):
-    """jobs=2: the two encoders train in parallel processes, then the cells run in parallel."""
-    from privenc.demo import run_demo
-
-    report = run_demo(tmp_path / "demo", tiny_config, jobs=2, progress=False)
-    text = report.read_text()
-    assert "## Table 1" in text and "## Table 2" in text
-    for loss in ("label_flip", "standard_gan"):
-        assert (tmp_path / "demo" / "runs" / loss / "encoder.pt").exists()
-        assert f"| {loss} |" in text  # one Table 1 row per encoder loss
-    records = collect(tmp_path / "demo" / "grid")
-    assert {r["encoder"] for r in records} == {"label_flip", "standard_gan", "identity", "blur"}
-    assert {r["task"] for r in records} == {"g1c0", "g1c1", "g1c2"}  # private, desirable, other
-    roles = {(r["encoder"], r["task"]): r["role"] for r in records}
-    assert roles[("label_flip", "g1c0")] == "private" and roles[("label_flip", "g1c1")] == "desirable"
-    assert {roles[("identity", t)] for t in ("g1c0", "g1c1", "g1c2")} == {"other"}  # baselines unmarked
-    # a rerun reuses every finished step
-    before = (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns
-    run_demo(tmp_path / "demo", tiny_config, jobs=1, progress=False)
-    assert (tmp_path / "demo" / "runs" / "label_flip" / "encoder.pt").stat().st_mtime_ns == before
-
-
 def test_wilson_interval_matches_a_hand_computation():
     from privenc.report import wilson_halfwidth
 
@@ -189,6 +156,7 @@ def test_grid_runs_identity_cells_first(tiny_config, tmp_path, monkeypatch):
     assert order == [("identity", "g1c0"), ("identity", "g1c1"), ("blur", "g1c0"), ("blur", "g1c1")]
 
 
+@pytest.mark.slow
 def test_an_attacker_learns_the_same_in_either_memory_format(tiny_config):
     """verify.channels_last changes how tensors sit in memory, not what the attacker learns."""
     from dataclasses import replace

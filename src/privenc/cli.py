@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
-    p.add_argument("--out", required=True, help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
+    p.add_argument("--out", required=True,
+                   help="output folder (verify.json, summary.md); one that already holds a verify.json is refused")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search for the strongest attacker of a fixed encoder: round 0 is plain "
                                    "verification with the encoder's [verify] settings; each next round trains the "
                                    "whole zoo (paper, wide, mlp, linear) with 2x the patience and iterations, 2x "
-                                   "the views (up to 8), one more seed per round and more learning rates (1e-3, 1e-4, then "
+                                   "the views (up to 8), one more seed per round and more learning rates "
+                                   "(1e-3, 1e-4, then "
                                    "1e-5), until a round raises the best validation balanced accuracy by less "
                                    "than --margin, or the budget runs out (then the verdict says 'not "
                                    "converged'). The attacker chosen on validation is reported on test: balanced "

@@ -23,6 +23,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    joined: bool = False  # setup() initialized the process group, so teardown() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -67,11 +68,12 @@ def setup(device: str) -> World:
         return World()
     rank, local_rank, size = world.rank, world.local_rank, world.size
     use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return World(rank, size, local_rank)
+    return World(rank, size, local_rank, joined)
 
 
 def barrier(world: World) -> None:
@@ -80,7 +82,11 @@ def barrier(world: World) -> None:
 
 
 def teardown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    """Leave the process group that :func:`setup` joined (one a caller joined is left to it).
+    Every rank calls it after its last collective: a rank that exits with the group still open
+    leaves gloo's threads and sockets to the interpreter's shutdown, racing the other ranks'
+    exits (torchrun then reported a failed child after a finished run)."""
+    if world.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -96,7 +96,9 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
     for run in runs:
         encoder = load_encoder(Path(run["path"]))
         with torch.no_grad():
-            rows.append((f"{run['name']}\n{role_label(run['private'], run['desirable'])}\n({run['encoder_loss']}, {run['norm']})", encoder(images)))
+            roles = role_label(run["private"], run["desirable"])
+            title = f"{run['name']}\n{roles}\n({run['encoder_loss']}, {run['norm']})"
+            rows.append((title, encoder(images)))
     count = min(count, n)
     fig, axes = plt.subplots(len(rows), count, figsize=(1.3 * count, 1.4 * len(rows)), squeeze=False)
     for row, (title, tensor) in enumerate(rows):

@@ -93,7 +93,8 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
         seen: dict[str, str] = {}
         for name, spec in zip(names, given):
             if name in seen:
-                twice = seen[name] == spec or (kind == "encoders" and Path(seen[name]).resolve() == Path(spec).resolve())
+                twice = seen[name] == spec or (kind == "encoders"
+                                               and Path(seen[name]).resolve() == Path(spec).resolve())
                 same = "is listed twice" if twice else f"and {seen[name]!r} share the cell name {name!r}"
                 raise ConfigError(f"grid {kind}: {spec!r} {same}; every cell needs its own folder "
                                   f"(GRID/cells/<encoder>__<task>): rename or drop one")

@@ -6,7 +6,8 @@ spatial pooling only, each convolution followed by a per-location batch norm
 
 Widths and the exact layer layout of Figure 2 are not recoverable from the paper; our
 reconstruction (3x3 convolutions and three 2x2 max-pools, 224 -> 28, receptive field 112:
-the ``paper`` preset) is one setting of the configuration, and everything here is built from :class:`~privenc.config.EncoderConfig` / :class:`~privenc.config.ClassifierConfig`.
+the ``paper`` preset) is one setting of the configuration, and everything here is built from
+:class:`~privenc.config.EncoderConfig` / :class:`~privenc.config.ClassifierConfig`.
 """
 
 from __future__ import annotations

@@ -291,7 +291,8 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
     if runs:
         sections += ["## Table 1 — private-task accuracy within adversarial training vs after verification", "",
                      "Within training: the adversarially trained private classifier on validation images, balanced "
-                     "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. Verification: the strongest fresh attacker "
+                     "accuracy (mean per-class recall; chance 1/K), mean of the last quarter of logged evaluations. "
+                     "Verification: the strongest fresh attacker "
                      "(selected by validation balanced accuracy) on the fixed encoder: accuracy with the 95% Wilson "
                      "interval, and balanced accuracy with a bootstrap 95% interval over the test images; the "
                      "majority rate is accuracy's chance level, 1/K balanced accuracy's.", "", t1, ""]

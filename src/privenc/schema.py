@@ -244,7 +244,8 @@ def validate(config: Config) -> None:
 
     _one_of("train.encoder_loss", t.encoder_loss, ENCODER_LOSSES)
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
-    _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")
+    _require(t.batch_size >= 2,
+             f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")
     _require(t.warmup_iters >= 0 and t.iters >= 0, "train.warmup_iters and train.iters must be >= 0")
     _require(t.classifier_steps >= 1, f"train.classifier_steps must be >= 1, got {t.classifier_steps}")
     for key in ("classifier_lr", "encoder_lr"):

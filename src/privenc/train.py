@@ -125,13 +125,21 @@ class TrainingState:
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
-    t = config.train
-    if not t.private:  # checked before anything is written: a config without tasks leaves no run folder
+    if not config.train.private:  # checked before anything is written: a config without tasks leaves no run folder
         raise ConfigError("no private task: set train.private, e.g. --set train.private=street or "
                           "--set train.private=attribute:gender (`privenc data inspect SOURCE` lists a source's "
                           "categories and attributes)")
-    run_dir = Path(run_dir)
-    world = distributed.setup(t.device)
+    world = distributed.setup(config.train.device)
+    try:
+        return _train(config, Path(run_dir), resume, progress, world)
+    finally:
+        # after every rank's last collective (the closing barrier), and on an error too: no
+        # rank exits with the process group open (distributed.teardown says why)
+        distributed.teardown(world)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: distributed.World) -> Path:
+    t = config.train
     device = distributed.resolve_device(t.device, world.local_rank if world.distributed else None)
     if world.is_main:
         ensure_writable(run_dir / "checkpoints")  # fail now, not at the first checkpoint

@@ -129,7 +129,8 @@ class SyntheticSource(Source):
                 raise DataError(f"synthetic group {group!r} is empty")
             for c in cats:
                 if c not in _CATEGORY_KEY:
-                    raise DataError(f"synthetic group {group!r}: unknown category {c!r}{close_matches(c, _CATEGORY_KEY)}; "
+                    raise DataError(f"synthetic group {group!r}: unknown category {c!r}"
+                                    f"{close_matches(c, _CATEGORY_KEY)}; "
                                     f"the synthetic categories are {', '.join(_CATEGORY_KEY)}")
         self.categories = list(dict.fromkeys(c for cats in self.groups.values() for c in cats))
         self._rows = [(c, n) for c in self.categories for n in range(per_category)]
@@ -279,7 +280,8 @@ def _scene(uniforms: np.ndarray, values: np.ndarray, forced: np.ndarray | None) 
     slot = np.arange(slots)
     kind = np.where((slot < n_cue[:, None]) & has_shape[:, None], shape[:, None], -1)
     kind[:, hi:] = np.where(slot[hi:] - hi < n_distractor[:, None], distractor, -1)
-    centre = GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2) + draw(2 * slots, -0.08, 0.08).reshape(-1, slots, 2)
+    centre = (GRID_STEP * np.stack([cells % 3 - 1, cells // 3 - 1], axis=2)
+              + draw(2 * slots, -0.08, 0.08).reshape(-1, slots, 2))
     radius, rotation = draw(slots, *OBJECT_RADIUS), draw(slots, -0.2, 0.2)
     obj_val = draw(slots, *OBJECT_VALUE)
     obj_hue, obj_sat = draw(slots), draw(slots, 0.0, 0.5)
@@ -319,7 +321,9 @@ def _render(p: dict[str, np.ndarray], noise: np.ndarray, size: int) -> np.ndarra
     not depend on the batch it is rendered in."""
     u = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
     x, y = u[None, None, :], u[None, :, None]  # (1, 1, S) columns, (1, S, 1) rows
-    col = lambda a: a[:, None, None].astype(np.float32)  # (B,) -> (B, 1, 1)
+
+    def col(a: np.ndarray) -> np.ndarray:  # (B,) -> (B, 1, 1)
+        return a[:, None, None].astype(np.float32)
 
     # luminance: layout ramp + texture grating, the same in the three channels
     lum = col(p["layout"][:, 0]) * x + col(p["layout"][:, 1]) * y  # (B, S, S)

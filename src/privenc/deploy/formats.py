@@ -47,7 +47,8 @@ def export(encoder_path: Path | str, fmt: str, out_path: Path | str | None = Non
     if out.resolve() == model.path.resolve():
         raise ConfigError(f"refusing to export {model.path} over itself; pass another --out")
     if out.exists() and not _is_export(out, fmt):
-        raise ConfigError(f"refusing to overwrite {out}: it is not an earlier {fmt} export (no {contract_path(out).name} "
+        raise ConfigError(f"refusing to overwrite {out}: it is not an earlier {fmt} export "
+                          f"(no {contract_path(out).name} "
                           f"contract beside it); choose another --out or remove it")
     contract = {"format": fmt, "file": out.name, **input_contract(model)}
     if fmt == "onnx":
