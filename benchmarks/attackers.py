@@ -2,7 +2,7 @@
 verification when several attackers train at once.
 
 Verification trains many attackers (families x seeds x tasks) against one frozen encoder, so
-``privenc.verify`` encodes each task's images once (``verify.views`` augmented views of every
+``privenc.verification`` encodes each task's images once (``verify.views`` augmented views of every
 training image) and ``fit_classifier`` samples mini-batches of those encodings. The naive
 alternative runs the frozen encoder on freshly decoded raw images at every step.
 

@@ -1,4 +1,4 @@
-"""(b) Encoding: images/s of ``privenc.verify.encode_task`` (the frozen encoder over a task's
+"""(b) Encoding: images/s of ``privenc.attackers.encode_task`` (the frozen encoder over a task's
 pools, read from the uint8 cache) against a naive loop that decodes every JPEG with PIL and
 runs the same encoder, eager float32."""
 

@@ -34,7 +34,7 @@ class _NoOptimizer:
 
 def build_meta_players(config: Config) -> Players:
     """The players of ``config`` on the meta device; binary private tasks and an (N+1)-way
-    desirable classifier, as ``privenc.train.build_players`` builds them for detection tasks."""
+    desirable classifier, as ``privenc.training.build_players`` builds them for detection tasks."""
     t = config.train
     with torch.device("meta"):
         encoder = Encoder(config.encoder, config.data.image_size)

@@ -71,7 +71,7 @@ from privenc.data.cache import ImageCache  # noqa: E402
 from privenc.data.transforms import BatchTransform  # noqa: E402
 from privenc.models import Classifier, Encoder, build_attacker  # noqa: E402
 from privenc.stream import BatchStream  # noqa: E402
-from privenc.verify import fit_classifier  # noqa: E402
+from privenc.verification import fit_classifier  # noqa: E402
 
 import flops  # noqa: E402
 from measure import as_is, git_revision  # noqa: E402

@@ -1,7 +1,7 @@
 """(a) One adversarial training iteration: the library's path against a naive baseline, and
 the CPU thread settings.
 
-An iteration is what ``privenc.train.train`` does per step after warm-up: draw a batch,
+An iteration is what ``privenc.training.train`` does per step after warm-up: draw a batch,
 (1) a classifier step, draw another batch, (2) an encoder step. It consumes two batches, so
 images/s = 2 x batch x iterations/s.
 
@@ -30,7 +30,7 @@ from privenc.config import Config
 from privenc.data import TaskData
 from privenc.data.transforms import train_transform
 from privenc.stream import BatchStream
-from privenc.train import build_players, desirable_target
+from privenc.training import build_players, desirable_target
 
 from fixtures import JpegDataset, demo_config, prepare_data
 from measure import Row, compare, interleave

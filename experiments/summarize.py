@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from privenc.report import wilson_halfwidth
-from privenc.verify import strongest
+from privenc.verification import strongest
 
 
 def main() -> None:

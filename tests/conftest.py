@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from privenc.config import Config, load_config
-from privenc.train import train
+from privenc.training import train
 
 PLACES_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "places365-mini"
 

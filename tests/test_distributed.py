@@ -136,7 +136,7 @@ def test_teardown_leaves_only_a_process_group_that_setup_joined(monkeypatch):
 def test_train_leaves_the_process_group_it_joined_also_when_it_fails(monkeypatch, tiny_config, tmp_path):
     # A rank must not exit with its group open (distributed.teardown); an error is no exception.
     from privenc import distributed
-    from privenc import train as train_module
+    from privenc import training as train_module
 
     left = []
     monkeypatch.setattr(distributed, "setup", lambda device: distributed.World(joined=True))

@@ -40,8 +40,8 @@ from privenc.grid import cell_dir, run_grid
 from privenc.models import Encoder
 from privenc.report import build_report
 from privenc.runs import load_encoder, save_encoder
-from privenc.train import train
-from privenc.verify import verify
+from privenc.training import train
+from privenc.verification import verify
 
 SRC = Path(privenc.__file__).resolve().parents[1]
 FAULT_SEED = int(os.environ.get("PRIVENC_FAULT_SEED", "0"))
@@ -306,7 +306,7 @@ def test_encode_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path):
 def test_grid_killed_at_a_random_moment_loses_no_cell_and_runs_none_twice(tmp_path):
     encoders, tasks = ["identity", "blur"], ["g1c0", "g1c1"]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
-    patch = ("import privenc.verify as v\nf = v.fit_classifier\n"
+    patch = ("import privenc.verification as v\nf = v.fit_classifier\n"
              "v.fit_classifier = lambda *a, **k: (time.sleep(0.25), f(*a, **k))[1]")
     args = ["--encoders", *encoders, "--tasks", *tasks, "--device", "cpu", *_sets(TINY)]
     proc = _start(["grid", *args, "--out", str(killed)], log, patch)
@@ -457,7 +457,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(command, finishe
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output folder was checked")
 
-    for module in ("privenc.train", "privenc.attackers", "privenc.data"):
+    for module in ("privenc.training", "privenc.attackers", "privenc.data"):
         monkeypatch.setattr(f"{module}.prepare", no_work)
     monkeypatch.setattr(dataset, "prepare", no_work)
     monkeypatch.setattr("privenc.deploy.shards._encode_shard", no_work)
@@ -484,7 +484,7 @@ def test_a_read_only_output_folder_is_refused_before_verification(capsys):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_encoder_stops_training_with_the_step_and_last_checkpoint(finished_run, tmp_path, monkeypatch,
                                                                                value):
-    import privenc.train as train_module
+    import privenc.training as train_module
 
     run = _copy(finished_run, tmp_path / "run")
     before = (run / "checkpoints" / "last.pt").read_bytes()
@@ -525,7 +525,7 @@ def test_an_encoder_with_non_finite_weights_is_refused_by_verify_and_encode(fini
 
 def test_verification_refuses_non_finite_encodings_or_attacker_losses(tmp_path, monkeypatch):
     import privenc.encoders as encoders_module
-    import privenc.verify as verify_module
+    import privenc.verification as verify_module
 
     config = load_config("demo", TINY)
     real_build = encoders_module.build_encoder

@@ -562,7 +562,7 @@ def test_steps_without_a_known_label_are_left_out_of_the_logged_accuracy(tmp_pat
 
 
 def test_logged_means_leave_out_the_steps_without_a_known_label() -> None:
-    from privenc.train import add_to_running_sums, logged_values
+    from privenc.training import add_to_running_sums, logged_values
 
     sums, counts = {}, {}
     for accuracy in (float("nan"), 1.0, float("nan"), 0.0):

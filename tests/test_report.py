@@ -14,7 +14,7 @@ from conftest import TINY
 from privenc.config import load_config
 from privenc.report import build_report
 from privenc.runs import read_metrics, write_config
-from privenc.train import train
+from privenc.training import train
 
 TWO_PRIVATE = 'train.private=["g1c0", "g1c2"]'
 

@@ -12,7 +12,7 @@ from conftest import TINY
 from privenc import runs
 from privenc.config import load_config
 from privenc.errors import ConfigError
-from privenc.train import train
+from privenc.training import train
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_the_encoder_file_carries_its_metadata(finished_run, tiny_config):
 
 
 def test_readers_of_run_folders_do_not_import_the_trainer():
-    code = ("import sys, privenc.verify, privenc.report, privenc.deploy, privenc.grid, privenc.runs\n"
-            "print('privenc.train' in sys.modules)")
+    code = ("import sys, privenc.verification, privenc.report, privenc.deploy, privenc.grid, privenc.runs\n"
+            "print('privenc.training' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

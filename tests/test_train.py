@@ -13,7 +13,7 @@ from privenc.config import load_config
 from privenc.errors import TrainingError
 from privenc.models import Classifier, Encoder
 from privenc.runs import load_encoder
-from privenc.train import desirable_target, encoder_lr, train
+from privenc.training import desirable_target, encoder_lr, train
 
 
 def _players(config, device="cpu"):
@@ -134,7 +134,7 @@ def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
     """train.classifier_steps = k: k classifier updates before each encoder update (warm-up: one)."""
     from dataclasses import replace
 
-    import privenc.train as train_module
+    import privenc.training as train_module
 
     calls = {"classifier": 0, "encoder": 0}
 
@@ -154,7 +154,7 @@ def test_classifier_steps_per_encoder_step(tiny_config, tmp_path, monkeypatch):
 
 def test_within_training_validation_batches_are_a_fixed_random_sample_of_the_split(tiny_config):
     from privenc.data import prepare
-    from privenc.train import _validation_batches
+    from privenc.training import _validation_batches
 
     data = prepare(tiny_config.data, ["g1c0", "g1c1"])
     split = data.dataset("val", augment=False)

@@ -10,8 +10,8 @@ from privenc.attackers import Saturation, information_bits, label_entropy_bits
 from privenc.figures import equalize
 from privenc.grid import cell_dir, collect, run_grid
 from privenc.report import build_report
-from privenc.train import train
-from privenc.verify import verify
+from privenc.training import train
+from privenc.verification import verify
 
 
 def _events(curve, patience=2, min_delta=0.01):
@@ -56,7 +56,7 @@ def trained_run(tiny_config, tmp_path_factory, device):
 @pytest.mark.slow
 def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_config, trained_run, tmp_path,
                                                                             monkeypatch, device):
-    import privenc.verify as verify_module
+    import privenc.verification as verify_module
 
     frozen = {}
     real = verify_module.assert_unchanged
@@ -217,7 +217,7 @@ def test_bootstrap_interval_contains_the_point_and_narrows_with_more_test_images
 
 
 def test_the_strongest_attacker_is_chosen_by_validation_balanced_accuracy():
-    from privenc.verify import strongest
+    from privenc.verification import strongest
 
     base = {"encoder": "e", "task": "t"}
     # a: better plain validation accuracy (majority-class answers), b: better balanced

@@ -60,7 +60,7 @@ from privenc.encoders import (
 from privenc.errors import ConfigError
 from privenc.models import build_attacker
 from privenc.runs import ENCODER_FILE, refuse_run_folder
-from privenc.verify import attacker_record, roles_from_run, selection_score, strongest, verify
+from privenc.verification import attacker_record, roles_from_run, selection_score, strongest, verify
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from privenc import distributed, runs
     from privenc.config import demo_config
     from privenc.errors import ConfigError
-    from privenc.train import train
+    from privenc.training import train
 
     if args.device:
         args.overrides.append(f"train.device={args.device}")
@@ -116,7 +116,7 @@ def _verification_config(args: argparse.Namespace, encoders: list[str]):
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from privenc.encoders import default_tasks
-    from privenc.verify import verify
+    from privenc.verification import verify
 
     config = _verification_config(args, [args.encoder])
     tasks = args.tasks or config.verify.tasks or default_tasks(args.encoder, config)
@@ -134,7 +134,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from privenc.errors import ConfigError
     from privenc.grid import run_grid
-    from privenc.verify import summarize
+    from privenc.verification import summarize
 
     config = _verification_config(args, args.encoders)
     tasks = args.tasks or config.verify.tasks

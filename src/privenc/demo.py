@@ -24,7 +24,7 @@ from privenc.errors import ConfigError
 from privenc.grid import run_grid
 from privenc.report import build_report
 from privenc.runs import METRICS_FILE, config_changes, has_checkpoint, is_finished, is_run, read_config
-from privenc.train import train
+from privenc.training import train
 
 log = logging.getLogger(__name__)
 

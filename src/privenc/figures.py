@@ -15,7 +15,7 @@ import torch
 
 from privenc.atomic import atomic_write_bytes
 from privenc.runs import load_encoder, role_label
-from privenc.verify import strongest
+from privenc.verification import strongest
 
 log = logging.getLogger(__name__)
 

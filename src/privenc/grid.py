@@ -25,7 +25,7 @@ from privenc.config import Config, from_dict
 from privenc.encoders import check_tasks, encoder_name, load_encoder_spec
 from privenc.errors import ConfigError
 from privenc.runs import config_changes, refuse_run_folder
-from privenc.verify import verify
+from privenc.verification import verify
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.figures import figure1, figure3
 from privenc.runs import METRICS_FILE, read_config, read_metrics, refuse_run_folder, role_label
-from privenc.verify import strongest
+from privenc.verification import strongest
 
 log = logging.getLogger(__name__)
 

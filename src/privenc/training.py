@@ -123,7 +123,7 @@ class TrainingState:
         return means
 
 
-def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Path:
+def train(config: Config, run_dir: Path | str, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) an encoder in ``run_dir``; returns the path of the final encoder."""
     if not config.train.private:  # checked before anything is written: a config without tasks leaves no run folder
         raise ConfigError("no private task: set train.private, e.g. --set train.private=street or "

@@ -46,8 +46,9 @@ from privenc.models import build_attacker
 log = logging.getLogger(__name__)
 
 
-def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, roles: dict[str, str] | None = None,
-           device: str = "auto", progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | str,
+           roles: dict[str, str] | None = None, device: str = "auto", progress: bool = True,
+           overwrite: bool = False) -> list[dict[str, Any]]:
     """Verify one encoder on ``tasks``; writes ``OUT/verify.json`` and ``OUT/summary.md``
     (an existing ``verify.json`` is an error unless ``overwrite``: the grid redoes broken cells).
 
