@@ -13,10 +13,11 @@ import pytest
 
 import privenc.audit as audit_module
 from conftest import TINY
-from privenc.audit import LR_LADDER, _verdict, audit, round_trials
+from privenc.audit import LR_LADDER, audit, round_trials
 from privenc.cli import main
 from privenc.config import ATTACKERS, load_config
 from privenc.errors import ConfigError, DataError
+from privenc.verdict import verdict as _verdict
 
 SHORT = ["verify.max_iters=6"]  # attackers of 6 iterations (12 in round 1): the search is what is tested
 

@@ -1,0 +1,89 @@
+"""The audit's verdict per task: the worst case over every attacker (chosen on validation,
+reported on test as balanced accuracy with its interval), against chance, plain verification
+and Identity; and audit.md, the verdicts as a person reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from privenc.verification import selection_score
+
+
+def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[dict[str, Any]], stopped_by: str,
+             margin: float, identity: dict[str, Any] | None, fail_above: float | None) -> dict[str, Any]:
+    worst = max(records, key=selection_score)  # chosen on validation, as verify chooses
+    plain = max((r for r in records if r["round"] == 0), key=selection_score)
+    above = 100 * (worst["test_bacc_best"] - worst["bacc_chance"])
+    keys = ("attacker", "seed", "lr", "round", "patience", "views", "iters", "saturated", "val_bacc_best",
+            "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits")
+    return {
+        "task": task, "role": role,
+        "converged": stopped_by == "margin", "stopped_by": stopped_by, "rounds_run": len(rounds),
+        "last_rise_points": None if rounds[-1]["rise"] is None else 100 * rounds[-1]["rise"],
+        "rounds": rounds,
+        "worst_case": {key: worst[key] for key in keys},
+        "majority_rate": worst["chance"], "bacc_chance": worst["bacc_chance"], "n_test": worst["n_test"],
+        "above_chance_points": above,
+        # the interval reaches chance: no evidence that the attacker beats guessing
+        "at_chance": worst["test_bacc_ci95"][0] <= worst["bacc_chance"],
+        "plain_verify_test_bacc": plain["test_bacc_best"],
+        "identity_test_bacc": None if identity is None else identity.get("test_bacc_best"),
+        "identity_test_bacc_ci95": None if identity is None else identity.get("test_bacc_ci95"),
+        "failed": fail_above is not None and above > fail_above,
+    }
+
+
+def verdict_line(v: dict[str, Any], margin: float) -> str:
+    w = v["worst_case"]
+    lo, hi = w["test_bacc_ci95"]
+    text = (f"{v['task']} ({v['role']}): worst case {100 * w['test_bacc_best']:.1f}% balanced accuracy "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}], {v['above_chance_points']:+.1f} points vs chance "
+            f"{100 * v['bacc_chance']:.1f}% ({'at chance' if v['at_chance'] else 'above chance'}); accuracy "
+            f"{100 * w['test_acc_best']:.1f}%, majority rate {100 * v['majority_rate']:.1f}%; "
+            f"{w['info_bits']:.3f} bits; plain verify {100 * v['plain_verify_test_bacc']:.1f}%")
+    if v["identity_test_bacc"] is not None:
+        text += f"; Identity {100 * v['identity_test_bacc']:.1f}%"
+    rise = v["last_rise_points"]
+    if v["converged"]:
+        text += f". Converged after round {v['rounds_run'] - 1} (last rise {rise:.2f} < {margin:g} points)."
+    else:
+        budget = {"max_rounds": "the round budget", "max_minutes": "the time budget"}[v["stopped_by"]]
+        still = "no round after round 0 to compare" if rise is None else f"the last round still rose {rise:.2f} points"
+        text += f". NOT converged: {budget} ran out after round {v['rounds_run'] - 1}; {still}."
+    if v["failed"]:
+        text += " FAILED the --fail-above gate."
+    return text
+
+
+def audit_markdown(result: dict[str, Any]) -> str:
+    margin = result["margin_points"]
+    lines = [f"# privenc audit: {result['encoder']}", "",
+             f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
+             + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
+             + f"; {result['seconds']:.0f} s.", ""]
+    for task, v in result["verdicts"].items():
+        w = v["worst_case"]
+        lines += [f"## {task}", "", verdict_line(v, margin), "",
+                  f"Chosen on validation: `{w['attacker']}` lr {w['lr']:g} seed {w['seed']} of round {w['round']} "
+                  f"(patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
+                  f"{'' if w['saturated'] else ', not saturated'}); validation balanced accuracy "
+                  f"{100 * w['val_bacc_best']:.1f}%.", "",
+                  "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
+                  "| round's best val bal. acc | best so far | rise (points) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in v["rounds"]:
+            rise = "—" if r["rise"] is None else f"{100 * r['rise']:.2f}"
+            lines.append(f"| {r['round']} | {r['attackers']} | {', '.join(r['families'])} "
+                         f"| {', '.join(f'{x:g}' for x in r['lrs'])} | {', '.join(map(str, r['seeds']))} "
+                         f"| {r['patience']} | {r['views']} | {r['max_iters']} | {100 * r['round_best_val_bacc']:.1f}% "
+                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} |")
+        lines.append("")
+    lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
+              "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
+              "(1000 resamples); \"at chance\" means it reaches 1/K. bits: H(task) minus the attacker's test "
+              "cross-entropy, a lower bound on the information the encoding leaks.", ""]
+    if result["fail_above_points"] is not None:
+        gate = ", ".join(result["failed"]) or "none"
+        lines += [f"Gate --fail-above {result['fail_above_points']:g} points: failed tasks: {gate}.", ""]
+    return "\n".join(lines)
