@@ -10,11 +10,14 @@ module that asks which rank it is or which device to use asks here.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from privenc.adversarial import Players
 from privenc.errors import ConfigError, TrainingError
 
 
@@ -97,3 +100,30 @@ def gather_objects(world: World, obj):
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def data_parallel(players: Players, world: World, device: torch.device) -> tuple[Players, Players]:
+    """The players as each step sees them. Without distribution both are ``players``. Under
+    torchrun, the classifier step goes through DistributedDataParallel wrappers of the
+    classifiers (their gradients are averaged over ranks) and the encoder step through a wrapper
+    of the encoder; each step calls the other side's plain module, which is fixed there."""
+    if not world.distributed:
+        return players, players
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    def wrap(module, broadcast_buffers=True):
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; older torch lacks the new name
+            warnings.simplefilter("ignore", FutureWarning)
+            return DDP(module, device_ids=ids, broadcast_buffers=broadcast_buffers)
+
+    classifier_side = Players(
+        players.encoder,
+        nn.ModuleList(wrap(c) for c in players.private_classifiers),
+        wrap(players.desirable_classifier) if players.desirable_classifier is not None else None,
+    )
+    # Per-location statistics are already global (all-reduced), so the encoder's running
+    # buffers agree on every rank without a broadcast.
+    encoder_side = Players(wrap(players.encoder, broadcast_buffers=False), players.private_classifiers,
+                           players.desirable_classifier)
+    return classifier_side, encoder_side

@@ -8,7 +8,6 @@ import logging
 import math
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +170,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
         module.to(device)
         if t.channels_last:
             module.to(memory_format=torch.channels_last)
-    classifier_side, encoder_side = _data_parallel(players, world, device)
+    classifier_side, encoder_side = distributed.data_parallel(players, world, device)
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
@@ -230,33 +229,6 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
         log.info("encoder saved to %s", encoder_path)
     distributed.barrier(world)
     return encoder_path
-
-
-def _data_parallel(players: Players, world: distributed.World, device: torch.device) -> tuple[Players, Players]:
-    """The players as each step sees them. Without distribution both are ``players``. Under
-    torchrun, the classifier step goes through DistributedDataParallel wrappers of the
-    classifiers (their gradients are averaged over ranks) and the encoder step through a wrapper
-    of the encoder; each step calls the other side's plain module, which is fixed there."""
-    if not world.distributed:
-        return players, players
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [device.index] if device.type == "cuda" else None
-    def wrap(module, broadcast_buffers=True):
-        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; older torch lacks the new name
-            warnings.simplefilter("ignore", FutureWarning)
-            return DDP(module, device_ids=ids, broadcast_buffers=broadcast_buffers)
-
-    classifier_side = Players(
-        players.encoder,
-        nn.ModuleList(wrap(c) for c in players.private_classifiers),
-        wrap(players.desirable_classifier) if players.desirable_classifier is not None else None,
-    )
-    # Per-location statistics are already global (all-reduced), so the encoder's running
-    # buffers agree on every rank without a broadcast.
-    encoder_side = Players(wrap(players.encoder, broadcast_buffers=False), players.private_classifiers,
-                           players.desirable_classifier)
-    return classifier_side, encoder_side
 
 
 # --------------------------------------------------------------------------- helpers of the loop
