@@ -37,6 +37,7 @@ def test_the_device_is_the_cpu_unless_the_variable_names_another(monkeypatch):
         chosen_device()
 
 
+@pytest.mark.slow  # starts a process
 def test_device_capable_tests_run_on_the_cpu_by_default_and_are_marked_cuda():
     done = _pytest(SMALL, "-m", "cuda", device=None)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -47,6 +48,7 @@ def test_device_capable_tests_run_on_the_cpu_by_default_and_are_marked_cuda():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without a card")
+@pytest.mark.slow  # starts a process
 def test_asking_for_cuda_without_a_card_skips_with_the_reason():
     done = _pytest(SMALL, "-rs", device="cuda")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,6 +56,7 @@ def test_asking_for_cuda_without_a_card_skips_with_the_reason():
     assert "PRIVENC_TEST_DEVICE=cuda but CUDA is not available here" in done.stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_a_bad_device_name_stops_the_run_at_once():
     done = _pytest(SMALL, device="gpu")
     assert done.returncode != 0
@@ -67,6 +70,7 @@ def _gpu_check(out: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # starts a process
 def test_gpu_check_dry_run_runs_every_section_and_writes_its_numbers(tmp_path):
     done = _gpu_check(tmp_path / "out")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -93,6 +97,7 @@ def test_gpu_check_dry_run_runs_every_section_and_writes_its_numbers(tmp_path):
         assert f"## {number}. {name}: done" in markdown
 
 
+@pytest.mark.slow  # starts a process
 def test_gpu_check_records_a_section_cut_by_its_time_limit(tmp_path):
     # 3 s in all: the step section gets about 1 s and cannot time a variant for 30.
     done = _gpu_check(tmp_path / "out", "--sections", "step", "--budget", "3", "--seconds", "30")
