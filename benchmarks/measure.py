@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,16 +138,14 @@ def load_average() -> str:
 
 
 def git_revision() -> str:
-    """The checked-out commit, with "+ uncommitted changes" when the tree differs from it."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                                  timeout=10).stdout.strip()
+    """The checked-out commit, short, with "+ uncommitted changes" when the tree differs from it:
+    runs.git_revision (what run folders record) in the form the benchmark notes print."""
+    from privenc.runs import git_revision as revision
 
-        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
+    found = revision()
+    if found is None:
         return "unknown (no git here)"
-    return commit + (" + uncommitted changes" if dirty else "")
+    return found.removesuffix("-dirty")[:9] + (" + uncommitted changes" if found.endswith("-dirty") else "")
 
 
 def as_is(image: torch.Tensor) -> torch.Tensor:
