@@ -76,6 +76,9 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
     for r in records:
         assert 0 <= r["test_acc_best"] <= 1 and r["iters"] <= 12 and r["curve"]
         assert r["curve"][0][0] == 2  # evaluated every eval_every iterations
+        # the variance constraint on the task's test images (unseen): fractions of the output elements
+        assert 0 <= r["test_collapse_zero_var_frac"] <= r["test_collapse_low_var_frac"] <= 1
+        assert r["test_output_var_mean"] > 0
     saved = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert saved == json.loads(json.dumps(records))
     assert "Strongest attacker" in (tmp_path / "v" / "summary.md").read_text()
@@ -103,6 +106,7 @@ def test_not_saturated_is_reported(tiny_config, tmp_path, device):
     config = replace(tiny_config, verify=replace(tiny_config.verify, patience=50, max_iters=4))
     records = verify("blur", config, ["g1c0"], tmp_path / "v", device=str(device), progress=False)
     assert records[0]["saturated"] is False and records[0]["iters"] == 4
+    assert "test_collapse_low_var_frac" not in records[0]  # a baseline has no variance constraint to check
     assert "(not saturated)" in (tmp_path / "v" / "summary.md").read_text()
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from privenc import losses
+from privenc.norms import output_variance
 
 ACCURACY_SUFFIX = "_train_acc"
 """Logged training accuracies end with it; they are NaN for a batch without a known label."""
@@ -173,11 +174,10 @@ def evaluate(
         desirable_hits: list[torch.Tensor] = []
         private_truth: list[torch.Tensor] = []
         desirable_truth: list[torch.Tensor] = []
-        pre_tanh = []
+        outputs = []
         for images, private_labels, desirable_labels in batches:
             encodings = players.encoder(images).float()
-            # atanh recovers the normalized output that the tanh squashed (clamped for safety).
-            pre_tanh.append(torch.atanh(encodings.clamp(-1 + 1e-6, 1 - 1e-6)).flatten(1).cpu())
+            outputs.append(encodings.cpu())
             private_truth.append(private_labels.cpu())
             for k, classifier in enumerate(players.private_classifiers):
                 private_hits[k].append(classifier(encodings).argmax(1).cpu())
@@ -189,10 +189,7 @@ def evaluate(
                   for k, hits in enumerate(private_hits)}
         if players.desirable_classifier is not None:
             result["val_desirable_acc"] = balanced_accuracy(torch.cat(desirable_hits), torch.cat(desirable_truth))
-        variance = torch.cat(pre_tanh).var(dim=0)
-        result["collapse_zero_var_frac"] = float((variance < 1e-4).float().mean())
-        result["collapse_low_var_frac"] = float((variance < 0.5).float().mean())
-        result["output_var_mean"] = float(variance.mean())
+        result.update(output_variance(torch.cat(outputs)))
         return result
     finally:
         for m, mode in zip(modules, was_training):

@@ -262,3 +262,17 @@ def make_norm(name: str, channels: int, height: int, width: int) -> nn.Module:
     if name == "per_location":
         return PerLocationBatchNorm(channels, height, width, scale=True, bias=False)
     raise ValueError(f"unknown normalization {name!r}; choose one of: {', '.join(NORMS)}")
+
+
+def output_variance(encodings: torch.Tensor) -> dict[str, float]:
+    """Collapse diagnostics of an encoder's outputs (Sec. 4.2) over a set of images: the
+    variance over the images of each pre-tanh output element, which the variance constraint
+    asks to be 1. A collapsed element has ~0 (below 1e-4); below 0.5 it has lost half.
+
+    ``encodings`` (N, ...) are the encoder's tanh outputs; atanh recovers the normalized values
+    that the tanh squashed (clamped, so that a saturated element stays finite)."""
+    pre_tanh = torch.atanh(encodings.float().clamp(-1 + 1e-6, 1 - 1e-6)).flatten(1)
+    variance = pre_tanh.var(dim=0)
+    return {"collapse_zero_var_frac": float((variance < 1e-4).float().mean()),
+            "collapse_low_var_frac": float((variance < 0.5).float().mean()),
+            "output_var_mean": float(variance.mean())}

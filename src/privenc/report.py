@@ -205,8 +205,11 @@ def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]]) ->
     # One private task per run keeps the single column, whichever task each run hides.
     columns = list(dict.fromkeys(t for run in runs for t in run["private"])) if _several_private(runs) else []
     private_head = "".join(f" private test acc, {t} |" for t in columns) or " private test acc |"
-    lines = [f"| run | normalization | output var ~0 | output var < 0.5 |{private_head} desirable test acc |",
-             "|---" * (5 + max(1, len(columns))) + "|"]
+    # On unseen images: verification's test encodings of the run's first private task (verify.json
+    # records of this version on); "—" for older records.
+    lines = [f"| run | normalization | output var ~0 | output var < 0.5 | test var ~0 | test var < 0.5 |{private_head} "
+             "desirable test acc |",
+             "|---" * (7 + max(1, len(columns))) + "|"]
     rows = []
     for run in runs:
         private_tests = {task: test_acc(run, task) for task in run["private"]}
@@ -215,10 +218,14 @@ def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]]) ->
                "private_test": private_tests[run["private"][0]],  # the first private task
                "private_tests": private_tests,
                "desirable_test": test_acc(run, run["desirable"][0]) if run["desirable"] else None}
+        unseen = best.get((run["name"], run["private"][0])) or {}
+        row["test_zero_var"] = unseen.get("test_collapse_zero_var_frac")
+        row["test_low_var"] = unseen.get("test_collapse_low_var_frac")
         rows.append(row)
         # "—" also in the column of a task that another run hides and this one does not
         private_cells = [_pct(private_tests.get(t)) for t in columns] or [_pct(row["private_test"])]
         lines.append(f"| {run['name']} | {run['norm']} | {_pct(row['zero_var'])} | {_pct(row['low_var'])} | "
+                     f"{_pct(row['test_zero_var'])} | {_pct(row['test_low_var'])} | "
                      + " | ".join(private_cells) + f" | {_pct(row['desirable_test'])} |")
     return "\n".join(lines), rows
 
@@ -232,7 +239,8 @@ TABLE1_COLUMNS = ["run", "encoder", "encoder_loss", "task", "within_training_val
                   "verified_test_bacc_lo", "verified_test_bacc_hi", "majority_rate"]
 TABLE2_COLUMNS = ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
                   "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance"]
-ABLATION_COLUMNS = ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test"]
+ABLATION_COLUMNS = ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test",
+                    "test_zero_var", "test_low_var"]
 
 
 def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -304,8 +312,10 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
                      "", t2, ""]
     if runs:
         sections += ["## Normalization ablation — collapse diagnostics", "",
-                     "Fraction of pre-tanh output elements whose variance over validation images is ~0 "
-                     "(< 1e-4) and < 0.5; the variance constraint asks for 1.", "", ab, ""]
+                     "Fraction of pre-tanh output elements whose variance over images is ~0 (< 1e-4) and < 0.5; "
+                     "the variance constraint asks for 1. \"output var\": the validation batches of training's "
+                     "last log; \"test var\": the test images of the run's first private task, as verification "
+                     "encodes them (images the encoder never trained on).", "", ab, ""]
     # One CSV per table shown, in the long form that report.json's rows have.
     tables = {}
     if runs:

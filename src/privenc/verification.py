@@ -42,6 +42,7 @@ from privenc.config import Config
 from privenc.encoders import LoadedEncoder, assert_unchanged, check_tasks, freeze, load_encoder_spec
 from privenc.errors import ConfigError
 from privenc.models import build_attacker
+from privenc.norms import output_variance
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,15 @@ def attacker_record(encoder: LoadedEncoder, task: str, role: str, encoded: Encod
         "n_val": int(len(encoded.y["val"])), "n_test": int(len(encoded.y["test"])),
         **asdict(result),
         "info_bits": information_bits(encoded.y["test"], encoded.num_classes, result.test_ce_best),
+        **(test_collapse(encoded) if encoder.kind == "learned" else {}),
     }
+
+
+def test_collapse(encoded: Encoded) -> dict[str, float]:
+    """The collapse diagnostics of a learned encoder on this task's test images: images it never
+    trained on, where the variance constraint must still hold (training logs measure it on a few
+    validation batches; issue 17 asks about unseen images at scale)."""
+    return {f"test_{key}": value for key, value in output_variance(encoded.x["test"]).items()}
 
 
 def roles_from_run(config: Config, tasks: list[str]) -> dict[str, str]:
