@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
                    help="start no new round after this many minutes of this call (default: no limit)")
     p.add_argument("--jobs", type=_positive, default=1, help="attackers of a round in parallel processes (default 1)")
+    p.add_argument("--attacks", metavar="LIST",
+                   help="comma-separated attacks to run (default: all that apply): zoo (the search beyond round 0; "
+                        "round 0, plain verify, always runs) and the extra attacks of privenc.attacks. Those that "
+                        "do not apply are listed in the verdict with the reason")
     p.add_argument("--identity", metavar="compute|FOLDER",
                    help="quote Identity (raw images) beside the worst case: 'compute' verifies it with the same "
                         "data and [verify] settings into OUT/identity, or give a verify or grid folder holding it")

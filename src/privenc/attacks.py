@@ -1,0 +1,160 @@
+"""The audit's extra attacks: attackers other than the zoo's fresh families on the plain
+encodings, whose records join the zoo's when ``privenc audit`` picks the worst case.
+
+The zoo search (:mod:`privenc.audit`, attack name ``zoo``) trains every family from scratch on
+encodings of the training augmentation. An extra attack changes something else: where the
+attacker starts (``adaptive``: from the adversarial classifier the encoder was trained against),
+or what it is trained on (``multiscale``: encodings of views at several scales). Each is an
+:class:`Attack` in :data:`REGISTRY`:
+
+- ``applies(context)`` returns None when the attack applies to this encoder and task, else the
+  reason it does not (the verdict lists skipped attacks with their reasons);
+- ``run(context)`` returns one or more records with the keys of the zoo's trial records
+  (:data:`RECORD_KEYS`, as :func:`privenc.verification.attacker_record` builds them, plus
+  ``patience``, ``views`` and ``max_iters``); :func:`record` builds one from a fitted attacker.
+  The runner adds ``"attack": name``.
+
+What ``run`` receives is an :class:`AttackContext`: the encoder (a
+:class:`~privenc.encoders.LoadedEncoder` on ``device``, frozen; its ``config`` holds the data
+and the run's train settings), the spec it was loaded from, the task and its role, the
+protocol (``settings``: the encoder's ``[verify]`` with the patience, views and iteration cap
+of the audit's widest round so far, at least round 1's; ``lrs``; ``seed``), the device, and a
+folder of its own for figures or side files. A new attack (the reconstruction attack, say) is
+one function pair and a :func:`register` call.
+
+The runner (:func:`run_attack`) freezes the encoder, checks afterwards that it did not move,
+and writes the records atomically to ``OUT/attacks/<task>/<name>.json`` with the protocol they
+were computed under; a rerun under the same protocol reads them back instead of attacking again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privenc.atomic import atomic_write_text
+from privenc.attackers import AttackerResult, Encoded
+from privenc.config import VerifyConfig
+from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
+from privenc.errors import ConfigError
+from privenc.verification import attacker_record
+
+log = logging.getLogger(__name__)
+
+ZOO = "zoo"
+"""The zoo search's name among the attacks (it is audit.py's round loop, not in the registry)."""
+
+RECORD_KEYS = ("val_bacc_best", "val_acc_best", "test_bacc_best", "test_bacc_ci95", "test_acc_best", "chance",
+               "bacc_chance", "n_test", "info_bits", "attacker", "seed", "lr", "iters", "saturated", "patience",
+               "views", "max_iters")
+"""What every record of an attack holds: the verdict reads these."""
+
+
+@dataclass
+class AttackContext:
+    """What an attack is given (see the module docstring)."""
+
+    spec: str
+    encoder: LoadedEncoder
+    task: str
+    role: str
+    settings: VerifyConfig
+    lrs: tuple[float, ...]
+    seed: int
+    device: torch.device
+    out_dir: Path
+
+    def protocol(self) -> dict[str, Any]:
+        """What the records depend on besides the encoder and config (checked on a rerun)."""
+        return {"patience": self.settings.patience, "views": self.settings.views,
+                "max_iters": self.settings.max_iters, "lrs": list(self.lrs), "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    summary: str
+    """One line for ``--help`` and audit.md."""
+    applies: Callable[[AttackContext], str | None]
+    run: Callable[[AttackContext], list[dict[str, Any]]]
+
+
+REGISTRY: dict[str, Attack] = {}
+
+
+def register(attack: Attack) -> Attack:
+    if attack.name == ZOO or attack.name in REGISTRY:
+        raise ValueError(f"an attack named {attack.name!r} is already registered")
+    REGISTRY[attack.name] = attack
+    return attack
+
+
+def attack_names() -> list[str]:
+    """Every attack ``--attacks`` accepts, the zoo first."""
+    return [ZOO, *REGISTRY]
+
+
+def parse_attacks(text: str | None) -> list[str]:
+    """``--attacks`` as a list: comma-separated names, or None for all of them."""
+    if text is None:
+        return attack_names()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in attack_names()]
+    if unknown or not names:
+        raise ConfigError(f"--attacks {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no attack named'}; "
+                          f"give a comma-separated list of {', '.join(attack_names())}")
+    return list(dict.fromkeys(names))
+
+
+def record(ctx: AttackContext, encoded: Encoded, views: int, result: AttackerResult,
+           **extra: Any) -> dict[str, Any]:
+    """One record of an attack: the attacker's result as verify.json holds it, the protocol,
+    and what the attack adds (``extra``)."""
+    return {**attacker_record(ctx.encoder, ctx.task, ctx.role, encoded, views, result),
+            "patience": ctx.settings.patience, "views": views, "max_iters": ctx.settings.max_iters, **extra}
+
+
+def run_attack(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any]:
+    """The outcome of ``attack`` on ``ctx``: ``{"attack", "skipped": reason}``, or
+    ``{"attack", "protocol", "records"}`` read back from ``path`` when it holds this protocol's,
+    else computed and written there."""
+    reason = attack.applies(ctx)
+    if reason is not None:
+        return {"attack": attack.name, "skipped": reason}
+    found = read_outcome(path)
+    if found is not None and found.get("protocol") == ctx.protocol():
+        return found
+    if found is not None:
+        log.info("audit: %s was computed under another protocol (%s); attacking again", path, found.get("protocol"))
+    snapshot = freeze(ctx.encoder.module)
+    records = attack.run(ctx)
+    assert_unchanged(ctx.encoder.module, snapshot, ctx.encoder.name)
+    if not records:
+        raise ValueError(f"attack {attack.name!r} returned no records")
+    for item in records:
+        missing = [key for key in RECORD_KEYS if key not in item]
+        if missing:  # a bug of the attack, not the user's input
+            raise ValueError(f"attack {attack.name!r} returned a record without {', '.join(missing)}")
+        item["attack"] = attack.name
+    outcome = {"attack": attack.name, "protocol": ctx.protocol(), "records": records}
+    atomic_write_text(path, json.dumps(outcome, indent=1) + "\n")
+    return outcome
+
+
+def read_outcome(path: Path) -> dict[str, Any] | None:
+    """A finished attack's file; None for a missing or broken one (then it runs again)."""
+    if not path.is_file():
+        return None
+    try:
+        outcome = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("audit: %s is unreadable (%s); attacking again", path, err)
+        return None
+    ok = isinstance(outcome, dict) and isinstance(outcome.get("records"), list) and outcome["records"]
+    return outcome if ok else None

@@ -1,0 +1,140 @@
+"""The audit's extra attacks (privenc.attacks): the registry seam, resuming, the choice of the
+worst case over the zoo and the attacks, and --attacks.
+
+Audits here run round 0 only (one tiny attacker on Blur) unless a test needs more; the extra
+attacks under test are stand-ins registered for the test, so what is tested is the seam."""
+
+import json
+
+import pytest
+
+from conftest import TINY
+from privenc.attacks import RECORD_KEYS, REGISTRY, ZOO, Attack, parse_attacks
+from privenc.audit import attack_protocol, audit, round_trials
+from privenc.cli import main
+from privenc.config import load_config
+from privenc.errors import ConfigError
+
+SHORT = ["verify.max_iters=6"]
+
+
+@pytest.fixture
+def config():
+    return load_config("demo", TINY + SHORT)
+
+
+def _record(val, test, **extra):
+    values = {"val_bacc_best": val, "val_acc_best": val, "test_bacc_best": test,
+              "test_bacc_ci95": [test - 0.05, test + 0.05], "test_acc_best": test, "chance": 0.5,
+              "bacc_chance": 0.5, "n_test": 40, "info_bits": 0.1,
+              "attacker": "paper", "seed": 0, "lr": 1e-3, "iters": 6, "saturated": True, "patience": 2,
+              "views": 2, "max_iters": 12}
+    return {**values, **extra}
+
+
+@pytest.fixture
+def strong(monkeypatch):
+    """A stand-in attack stronger than anything on validation; counts its runs and keeps what
+    it was given."""
+    calls = []
+
+    def run(ctx):
+        calls.append(ctx)
+        return [_record(0.99, 0.97, detail="a stand-in"), _record(0.60, 0.99)]
+
+    monkeypatch.setitem(REGISTRY, "strong", Attack("strong", "a stand-in", lambda ctx: None, run))
+    return calls
+
+
+@pytest.fixture
+def inapplicable(monkeypatch):
+    def refuse(ctx):
+        raise AssertionError("a skipped attack ran")
+
+    monkeypatch.setitem(REGISTRY, "never", Attack("never", "a stand-in", lambda ctx: f"not for {ctx.encoder.kind}",
+                                                  refuse))
+
+
+def test_an_extra_attack_joins_the_worst_case_chosen_on_validation(config, tmp_path, strong, inapplicable):
+    out = tmp_path / "a"
+    result = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    worst = verdict["worst_case"]
+    # the record best on validation wins, not the one best on test
+    assert (worst["attack"], worst["val_bacc_best"], worst["test_bacc_best"]) == ("strong", 0.99, 0.97)
+    assert worst["round"] is None and worst["detail"] == "a stand-in"
+    assert verdict["above_chance_points"] == pytest.approx(47.0)
+    # plain verify stays round 0 of the zoo
+    zoo = json.loads(next((out / "trials" / "g1c0").glob("r0_*.json")).read_text())
+    assert verdict["plain_verify_test_bacc"] == zoo["test_bacc_best"] and zoo["attack"] == ZOO
+    rows = {row["attack"]: row for row in verdict["attacks"]}
+    assert list(rows)[:1] == [ZOO] and rows[ZOO]["attackers"] == 1
+    assert (rows["strong"]["attackers"], rows["strong"]["best_val_bacc"], rows["strong"]["test_bacc_best"]) == (
+        2, 0.99, 0.97)
+    assert rows["never"] == {"attack": "never", "skipped": "not for blur"}
+    saved = json.loads((out / "attacks" / "g1c0" / "strong.json").read_text())
+    assert [r["attack"] for r in saved["records"]] == ["strong", "strong"]
+    assert not (out / "attacks" / "g1c0" / "never.json").exists()
+    text = (out / "audit.md").read_text()
+    assert "worst case (strong) 97.0%" in text and "| never | skipped: not for blur |" in text
+    assert "attack `strong`" in text and "(a stand-in)" in text
+    # what the attack was given: the encoder, the task, and round 1's protocol (at least)
+    (ctx,) = strong
+    widened, lrs, seed = attack_protocol(config.verify, config.verify.lr, 1)
+    one = round_trials(config.verify, config.verify.lr, 1)[0]
+    assert (ctx.task, ctx.role, ctx.encoder.kind, ctx.lrs, ctx.seed) == ("g1c0", "other", "blur", lrs, seed)
+    assert (ctx.settings.patience, ctx.settings.views, ctx.settings.max_iters) == (one.patience, one.views,
+                                                                                   one.max_iters)
+    assert ctx.out_dir == out / "attacks" / "g1c0" / "strong"
+
+
+def test_an_attack_is_read_back_on_a_rerun_and_redone_under_another_protocol(config, tmp_path, strong):
+    out = tmp_path / "a"
+    first = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    again = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    assert len(strong) == 1 and again["verdicts"] == first["verdicts"]
+    path = out / "attacks" / "g1c0" / "strong.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(saved, protocol=dict(saved["protocol"], patience=99))))
+    audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    assert len(strong) == 2 and json.loads(path.read_text())["protocol"] == saved["protocol"]
+
+
+def test_the_protocol_follows_the_widest_round_and_is_at_least_round_one(config):
+    settings = config.verify
+    for k, widest in ((0, 1), (1, 1), (2, 2)):
+        widened, lrs, seed = attack_protocol(settings, 1e-2, k)
+        trials = round_trials(settings, 1e-2, widest)
+        assert (widened.patience, widened.views, widened.max_iters) == (trials[0].patience, trials[0].views,
+                                                                        trials[0].max_iters)
+        assert set(lrs) == {t.lr for t in trials} and 1e-2 in lrs and seed == settings.seeds[0]
+
+
+def test_attacks_choose_what_runs(config, tmp_path, strong):
+    result = audit("blur", config, ["g1c0"], tmp_path / "zoo", max_rounds=1, progress=False, attacks=[ZOO])
+    verdict = result["verdicts"]["g1c0"]
+    assert [row["attack"] for row in verdict["attacks"]] == [ZOO] and not strong
+    assert verdict["stopped_by"] == "max_rounds"  # the zoo search, stopped by its budget
+    # without the zoo, round 0 (plain verify) still runs, and nothing after it
+    result = audit("blur", config, ["g1c0"], tmp_path / "strong", max_rounds=3, progress=False, attacks=["strong"])
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["rounds_run"], verdict["stopped_by"], verdict["converged"]) == (1, "zoo_left_out", False)
+    assert result["attacks"] == ["strong"] and len(strong) == 1
+    assert "The zoo search beyond round 0 was left out (--attacks)." in (tmp_path / "strong" / "audit.md").read_text()
+
+
+def test_attack_names_are_checked(tmp_path, capsys):
+    assert parse_attacks(None)[0] == ZOO and parse_attacks(" zoo, zoo") == [ZOO]
+    for bad in ("zoo,nope", ",", ""):
+        with pytest.raises(ConfigError, match="give a comma-separated list of zoo"):
+            parse_attacks(bad)
+    assert main(["-q", "audit", "blur", "--attacks", "zoo,nope", "--task", "g1c0", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown nope" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_a_record_without_the_keys_is_refused(config, tmp_path, monkeypatch):
+    incomplete = {k: v for k, v in _record(0.9, 0.9).items() if k != "info_bits"}
+    monkeypatch.setitem(REGISTRY, "broken", Attack("broken", "", lambda ctx: None, lambda ctx: [incomplete]))
+    with pytest.raises(ValueError, match="'broken' returned a record without info_bits"):
+        audit("blur", config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
+    assert "info_bits" in RECORD_KEYS
