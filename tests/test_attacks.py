@@ -5,15 +5,25 @@ Audits here run round 0 only (one tiny attacker on Blur) unless a test needs mor
 attacks under test are stand-ins registered for the test, so what is tested is the seam."""
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
 
+import privenc.attacks as attacks_module
 from conftest import TINY
-from privenc.attacks import RECORD_KEYS, REGISTRY, ZOO, Attack, parse_attacks
+from privenc import checkpoint as ckpt
+from privenc import runs
+from privenc.attackers import Encoded, fit_classifier
+from privenc.attacks import ADAPTIVE, RECORD_KEYS, REGISTRY, ZOO, Attack, AttackContext, parse_attacks
 from privenc.audit import attack_protocol, audit, round_trials
 from privenc.cli import main
 from privenc.config import load_config
-from privenc.errors import ConfigError
+from privenc.encoders import load_encoder_spec
+from privenc.errors import CheckpointError, ConfigError
+from privenc.models import Classifier
 
 SHORT = ["verify.max_iters=6"]
 
@@ -138,3 +148,108 @@ def test_a_record_without_the_keys_is_refused(config, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'broken' returned a record without info_bits"):
         audit("blur", config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
     assert "info_bits" in RECORD_KEYS
+
+
+# --------------------------------------------------------------------------- adaptive
+
+
+def _context(spec, config, task, tmp_path, lrs=(1e-3,)):
+    settings = replace(config.verify, max_iters=4, patience=1)
+    return AttackContext(spec, load_encoder_spec(spec, config, torch.device("cpu")), task, "private", settings,
+                         lrs, 0, torch.device("cpu"), tmp_path / "adaptive")
+
+
+def test_fit_classifier_starts_from_the_given_weights(config):
+    model = Classifier(config.classifier, 3, 2, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.125)  # nothing a fresh initialization gives
+    generator = torch.Generator().manual_seed(0)
+    x = {split: torch.randn(16, 3, 8, 8, generator=generator) for split in ("train", "val", "test")}
+    y = {split: torch.arange(16) % 2 for split in x}
+    settings = replace(config.verify, max_iters=2, eval_every=1, patience=5)
+    fit_classifier(model, Encoded(x, y, 2), settings, 0.0, 0, torch.device("cpu"))  # lr 0: Adam moves nothing
+    assert all(torch.equal(p, torch.full_like(p, 0.125)) for p in model.parameters())
+
+
+def test_the_adaptive_attacker_starts_from_the_saved_classifier(finished_run, config, tmp_path, monkeypatch):
+    started = []
+    real = attacks_module.fit_classifier
+
+    def spy(model, *args, **kwargs):
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(attacks_module, "fit_classifier", spy)
+    ctx = _context(str(finished_run), config, "g1c0", tmp_path, lrs=(1e-3, 1e-4))
+    assert ADAPTIVE.applies(ctx) is None
+    records = ADAPTIVE.run(ctx)
+    saved = ckpt.load(finished_run / runs.CHECKPOINT_FILE)["private_classifiers"]
+    weights = {k[len("0."):]: v for k, v in saved.items() if k.startswith("0.")}
+    assert len(started) == 2 and all(state.keys() == weights.keys() for state in started)
+    assert all(torch.equal(state[k], weights[k]) for state in started for k in weights)
+    assert [(r["member"], r["lr"], r["checkpoint_step"]) for r in records] == [(0, 1e-3, 9), (0, 1e-4, 9)]
+    assert all(set(RECORD_KEYS) <= set(r) and 0 <= r["start_val_bacc"] <= 1 for r in records)
+    assert "from the checkpoint of step 9" in records[0]["detail"]
+
+
+def test_one_adaptive_attacker_per_ensemble_member(finished_run, config, tmp_path, monkeypatch):
+    """The layout of train.private_ensemble = K: K classifiers per private task, at index
+    task_index * K + member (g1c0 is task 0: slots 0 and 1)."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    path = run / runs.CHECKPOINT_FILE
+    payload = ckpt.load(path)
+    one = {k[2:]: v for k, v in payload["private_classifiers"].items() if k.startswith("0.")}
+    payload["private_classifiers"] = {**{f"0.{k}": v for k, v in one.items()},
+                                      **{f"1.{k}": v + 1.0 if v.is_floating_point() else v for k, v in one.items()}}
+    ckpt.save(path, {k: v for k, v in payload.items() if k != "format_version"})
+    started = []
+    real = attacks_module.fit_classifier
+    monkeypatch.setattr(attacks_module, "fit_classifier",
+                        lambda model, *a, **k: started.append(next(iter(model.state_dict().values())).clone())
+                        or real(model, *a, **k))
+    ctx = _context(str(run), config, "g1c0", tmp_path)
+    ctx.encoder.config.train.private_ensemble = 2  # the field of the ensemble option
+    records = ADAPTIVE.run(ctx)
+    assert [r["member"] for r in records] == [0, 1]
+    first = next(iter(one.values()))
+    assert torch.equal(started[0], first) and torch.equal(started[1], first + 1.0)
+    ctx.encoder.config.train.private_ensemble = 3
+    with pytest.raises(CheckpointError, match="holds 2 private classifiers; the run's config says 1 private"):
+        ADAPTIVE.run(ctx)
+
+
+def test_the_adaptive_attacker_says_why_it_does_not_apply(finished_run, config, tmp_path):
+    reasons = {"blur": ("blur", "g1c0"), "other task": (str(finished_run), "g1c1")}
+    alone = tmp_path / "alone.pt"
+    shutil.copy(finished_run / runs.ENCODER_FILE, alone)
+    reasons["encoder file alone"] = (str(alone), "g1c0")
+    bare = shutil.copytree(finished_run, tmp_path / "bare")
+    (bare / runs.CHECKPOINT_FILE).unlink()
+    reasons["no checkpoint"] = (str(bare), "g1c0")
+    said = {what: ADAPTIVE.applies(_context(spec, config, task, tmp_path)) for what, (spec, task) in reasons.items()}
+    assert said == {
+        "blur": "the blur baseline was not trained against an adversarial classifier",
+        "other task": "the encoder was not trained against g1c1 (its private tasks: g1c0)",
+        "encoder file alone": "an encoder file alone (or an exported one) holds no adversarial classifier; give its "
+                              "training run folder",
+        "no checkpoint": f"the run has no checkpoint ({bare / runs.CHECKPOINT_FILE}) holding its adversarial "
+                         f"classifiers"}
+    # given as its encoder.pt, a run is still a run folder
+    assert ADAPTIVE.applies(_context(str(finished_run / runs.ENCODER_FILE), config, "g1c0", tmp_path)) is None
+
+
+@pytest.mark.slow  # 15-40 s on the 2-core VM
+def test_an_audit_of_a_run_folder_runs_the_adaptive_attacker(finished_run, config, tmp_path):
+    out = tmp_path / "a"
+    result = audit(str(finished_run), config, ["g1c0"], out, max_rounds=1, progress=False,
+                   attacks=["zoo", "adaptive"])
+    rows = {row["attack"]: row for row in result["verdicts"]["g1c0"]["attacks"]}
+    lrs = attack_protocol(config.verify, config.verify.lr, 1)[1]
+    assert rows["adaptive"]["attackers"] == len(lrs)
+    saved = json.loads((out / "attacks" / "g1c0" / "adaptive.json").read_text())
+    assert [r["lr"] for r in saved["records"]] == list(lrs) and saved["protocol"]["lrs"] == list(lrs)
+    worst = result["verdicts"]["g1c0"]["worst_case"]
+    best = max([*saved["records"], *map(json.loads, map(Path.read_text, (out / "trials" / "g1c0").glob("*.json")))],
+               key=lambda r: r["val_bacc_best"])
+    assert (worst["attack"], worst["val_bacc_best"]) == (best["attack"], best["val_bacc_best"])
