@@ -16,11 +16,12 @@ import privenc.attacks as attacks_module
 from conftest import TINY
 from privenc import checkpoint as ckpt
 from privenc import runs
-from privenc.attackers import Encoded, fit_classifier
-from privenc.attacks import ADAPTIVE, RECORD_KEYS, REGISTRY, ZOO, Attack, AttackContext, parse_attacks
+from privenc.attackers import Encoded, encode_for_attackers, fit_classifier
+from privenc.attacks import ADAPTIVE, MULTISCALE, RECORD_KEYS, REGISTRY, ZOO, Attack, AttackContext, parse_attacks
 from privenc.audit import attack_protocol, audit, round_trials
 from privenc.cli import main
 from privenc.config import load_config
+from privenc.data.transforms import BatchTransform, ScaledView
 from privenc.encoders import load_encoder_spec
 from privenc.errors import CheckpointError, ConfigError
 from privenc.models import Classifier
@@ -67,7 +68,7 @@ def inapplicable(monkeypatch):
 
 def test_an_extra_attack_joins_the_worst_case_chosen_on_validation(config, tmp_path, strong, inapplicable):
     out = tmp_path / "a"
-    result = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    result = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False, attacks=[ZOO, "strong", "never"])
     verdict = result["verdicts"]["g1c0"]
     worst = verdict["worst_case"]
     # the record best on validation wins, not the one best on test
@@ -100,13 +101,13 @@ def test_an_extra_attack_joins_the_worst_case_chosen_on_validation(config, tmp_p
 
 def test_an_attack_is_read_back_on_a_rerun_and_redone_under_another_protocol(config, tmp_path, strong):
     out = tmp_path / "a"
-    first = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
-    again = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    first = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False, attacks=["strong"])
+    again = audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False, attacks=["strong"])
     assert len(strong) == 1 and again["verdicts"] == first["verdicts"]
     path = out / "attacks" / "g1c0" / "strong.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps(dict(saved, protocol=dict(saved["protocol"], patience=99))))
-    audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False)
+    audit("blur", config, ["g1c0"], out, max_rounds=1, progress=False, attacks=["strong"])
     assert len(strong) == 2 and json.loads(path.read_text())["protocol"] == saved["protocol"]
 
 
@@ -146,7 +147,7 @@ def test_a_record_without_the_keys_is_refused(config, tmp_path, monkeypatch):
     incomplete = {k: v for k, v in _record(0.9, 0.9).items() if k != "info_bits"}
     monkeypatch.setitem(REGISTRY, "broken", Attack("broken", "", lambda ctx: None, lambda ctx: [incomplete]))
     with pytest.raises(ValueError, match="'broken' returned a record without info_bits"):
-        audit("blur", config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
+        audit("blur", config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False, attacks=["broken"])
     assert "info_bits" in RECORD_KEYS
 
 
@@ -253,3 +254,49 @@ def test_an_audit_of_a_run_folder_runs_the_adaptive_attacker(finished_run, confi
     best = max([*saved["records"], *map(json.loads, map(Path.read_text, (out / "trials" / "g1c0").glob("*.json")))],
                key=lambda r: r["val_bacc_best"])
     assert (worst["attack"], worst["val_bacc_best"]) == (best["attack"], best["val_bacc_best"])
+
+
+# --------------------------------------------------------------------------- multiscale
+
+
+def test_scaled_views_rescale_around_the_evaluation_view(config):
+    data = replace(config.data, load_size=16, image_size=16)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    # scale 1 with nothing to crop is the evaluation view itself
+    assert torch.allclose(ScaledView(data, 1.0)(images), BatchTransform(data, augment=False)(images), atol=1e-5)
+    # zoomed out: the image shrunk into the middle, black around it
+    small = ScaledView(data, 0.5)(images)
+    assert small.shape == (2, 3, 16, 16)
+    assert (small[..., :4, :] == -1).all() and (small[..., 12:, :] == -1).all() and (small[..., :, :4] == -1).all()
+    shrunk = torch.nn.functional.avg_pool2d(images.float(), 2) / 127.5 - 1  # 2x2 means: bilinear at half size
+    assert torch.allclose(small[..., 4:12, 4:12], shrunk, atol=1e-4)
+    # zoomed in: a crop of the enlarged image, inside the value range, no black padding
+    large = ScaledView(data, 1.25)(torch.full((2, 3, 16, 16), 200, dtype=torch.uint8))
+    assert torch.allclose(large, torch.full_like(large, 200 / 127.5 - 1))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        ScaledView(data, 0.0)
+
+
+def test_the_multiscale_attacker_trains_on_views_at_every_scale(config, tmp_path, monkeypatch):
+    seen = {}
+    real = attacks_module.encode_for_attackers
+
+    def spy(encoder, task, views, batch_size, device, progress=False, train_views=None):
+        seen["scales"] = [view.scale for view in train_views]
+        seen["encoded"] = real(encoder, task, views, batch_size, device, progress, train_views)
+        return seen["encoded"]
+
+    monkeypatch.setattr(attacks_module, "encode_for_attackers", spy)
+    config = replace(config, verify=replace(config.verify, attackers=["paper", "linear"]))
+    ctx = _context("blur", config, "g1c0", tmp_path, lrs=(1e-3,))
+    ctx.settings = replace(ctx.settings, views=4)  # two views of each scale reach 4
+    assert MULTISCALE.applies(ctx) is None
+    records = MULTISCALE.run(ctx)
+    assert seen["scales"] == [0.75, 0.75, 1.0, 1.0, 1.25, 1.25]
+    assert [(r["attacker"], r["lr"]) for r in records] == [("paper", 1e-3), ("linear", 1e-3)]
+    encoded = seen["encoded"]
+    assert all(r["views"] == 6 and r["n_train"] * 6 == len(encoded.y["train"]) for r in records)
+    assert all(set(RECORD_KEYS) <= set(r) and r["scales"] == [0.75, 1.0, 1.25] for r in records)
+    # val and test are the evaluation views, as plain verification encodes them
+    plain = encode_for_attackers(ctx.encoder, "g1c0", 1, 8, torch.device("cpu"))
+    assert torch.equal(encoded.x["test"], plain.x["test"]) and torch.equal(encoded.x["val"], plain.x["val"])

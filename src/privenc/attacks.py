@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,10 @@ from privenc import runs
 from privenc.atomic import atomic_write_text
 from privenc.attackers import AttackerResult, Encoded, encode_for_attackers, fit_classifier, score_split
 from privenc.config import VerifyConfig
+from privenc.data.transforms import ScaledView
 from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
 from privenc.errors import CheckpointError, ConfigError
-from privenc.models import Classifier
+from privenc.models import Classifier, build_attacker
 from privenc.verification import attacker_record
 
 log = logging.getLogger(__name__)
@@ -229,3 +231,47 @@ def _adaptive_run(ctx: AttackContext) -> list[dict[str, Any]]:
 ADAPTIVE = register(Attack(
     "adaptive", "fine-tuned from the adversarial classifier the encoder was trained against (run folders, "
     "their private tasks)", _adaptive_applies, _adaptive_run))
+
+
+# --------------------------------------------------------------------------- multiscale: views at several scales
+
+
+SCALES = (0.75, 1.0, 1.25)
+"""Scales of the multi-scale attacker's training views, relative to the evaluation view: 0.75
+zooms out (the image padded with black), 1.25 zooms in beyond the training augmentation's
+usual ``data.scale_range``."""
+
+
+def _multiscale_applies(ctx: AttackContext) -> str | None:
+    return None  # any encoder takes images at any scale
+
+
+def _multiscale_run(ctx: AttackContext) -> list[dict[str, Any]]:
+    """The round-0 families (``verify.attackers``) at each learning rate, trained on encodings
+    of views at :data:`SCALES` (each training image at every scale, as many times as it takes
+    to reach the protocol's views; random crop positions) and chosen and scored on the usual
+    evaluation views: the encoder is deployed on those. An encoder trained only on the
+    training augmentation's scales may leak at others, and an attacker that sees several
+    scales learns what stays the same across them."""
+    encoder = ctx.encoder
+    per_scale = math.ceil(ctx.settings.views / len(SCALES))
+    transforms = [ScaledView(encoder.config.data, scale) for scale in SCALES for _ in range(per_scale)]
+    views = len(transforms)
+    encoded = encode_for_attackers(encoder, ctx.task, views, ctx.settings.batch_size, ctx.device,
+                                   train_views=transforms)
+    channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
+    records = []
+    for family in ctx.settings.attackers:
+        for lr in ctx.lrs:
+            torch.manual_seed(ctx.seed)
+            model = build_attacker(family, encoder.config.classifier, channels, encoded.num_classes, size)
+            result = fit_classifier(model, encoded, ctx.settings, lr, ctx.seed, ctx.device, family,
+                                    label=f"{encoder.name}/{ctx.task}/multiscale/{family}/lr{lr:g}")
+            records.append(record(ctx, encoded, views, result, scales=list(SCALES),
+                                  detail=f"trained on {views} views at scales {', '.join(map(str, SCALES))}"))
+    return records
+
+
+MULTISCALE = register(Attack(
+    "multiscale", "trained on encodings of views at scales 0.75, 1, 1.25 (every encoder)", _multiscale_applies,
+    _multiscale_run))
