@@ -22,6 +22,7 @@ from privenc.audit import attack_protocol, audit, round_trials
 from privenc.cli import main
 from privenc.config import load_config
 from privenc.data.transforms import BatchTransform, ScaledView
+from privenc.deploy import EXPORT_SUFFIX, export
 from privenc.encoders import load_encoder_spec
 from privenc.errors import CheckpointError, ConfigError
 from privenc.models import Classifier
@@ -232,8 +233,7 @@ def test_the_adaptive_attacker_says_why_it_does_not_apply(finished_run, config, 
     assert said == {
         "blur": "the blur baseline was not trained against an adversarial classifier",
         "other task": "the encoder was not trained against g1c1 (its private tasks: g1c0)",
-        "encoder file alone": "an encoder file alone (or an exported one) holds no adversarial classifier; give its "
-                              "training run folder",
+        "encoder file alone": "an encoder file alone holds no adversarial classifier; give its training run folder",
         "no checkpoint": f"the run has no checkpoint ({bare / runs.CHECKPOINT_FILE}) holding its adversarial "
                          f"classifiers"}
     # given as its encoder.pt, a run is still a run folder
@@ -300,3 +300,46 @@ def test_the_multiscale_attacker_trains_on_views_at_every_scale(config, tmp_path
     # val and test are the evaluation views, as plain verification encodes them
     plain = encode_for_attackers(ctx.encoder, "g1c0", 1, 8, torch.device("cpu"))
     assert torch.equal(encoded.x["test"], plain.x["test"]) and torch.equal(encoded.x["val"], plain.x["val"])
+
+
+# --------------------------------------------------------------------------- exported encoders
+
+
+@pytest.fixture(scope="module")
+def exports(finished_run, tmp_path_factory):
+    """The finished run exported as safetensors and TorchScript (each with its contract)."""
+    folder = tmp_path_factory.mktemp("exports")
+    return {fmt: export(finished_run, fmt, folder / f"encoder{EXPORT_SUFFIX[fmt]}")
+            for fmt in ("safetensors", "torchscript")}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+def test_an_exported_file_is_verified_on_the_config_data(finished_run, exports, config, tmp_path, fmt):
+    loaded = load_encoder_spec(str(exports[fmt]), config, torch.device("cpu"))
+    assert (loaded.kind, loaded.exported, loaded.run_dir, loaded.name) == ("learned", fmt, None,
+                                                                            exports[fmt].name)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(images), runs.load_encoder(finished_run)(images), atol=1e-5)
+    ctx = _context(str(exports[fmt]), config, "g1c0", tmp_path)
+    assert ADAPTIVE.applies(ctx) == (f"an exported {fmt} file holds no adversarial classifier; audit the run it "
+                                     f"came from")
+    assert MULTISCALE.applies(ctx) is None
+    other = replace(config, data=replace(config.data, load_size=20))
+    with pytest.raises(ConfigError, match=r"exported for data.load_size = 18 .* --set data.load_size=18"):
+        load_encoder_spec(str(exports[fmt]), other, torch.device("cpu"))
+
+
+def test_a_torchscript_file_without_its_contract_is_refused(exports, config, tmp_path):
+    alone = shutil.copy(exports["torchscript"], tmp_path / "encoder.torchscript.pt")
+    with pytest.raises(CheckpointError, match="input contract .*encoder.torchscript.pt.json is missing"):
+        load_encoder_spec(str(alone), config, torch.device("cpu"))
+
+
+@pytest.mark.slow  # an audit: 10-20 s on the 2-core VM
+def test_an_audit_of_an_exported_file_runs_all_but_the_adaptive_attacker(exports, config, tmp_path):
+    result = audit(str(exports["safetensors"]), config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
+    rows = {row["attack"]: row for row in result["verdicts"]["g1c0"]["attacks"]}
+    assert rows["adaptive"]["skipped"].startswith("an exported safetensors file holds no adversarial classifier")
+    assert rows["zoo"]["attackers"] == 1 and rows["multiscale"]["attackers"] >= 1
+    assert "| adaptive | skipped: an exported safetensors file" in (tmp_path / "a" / "audit.md").read_text()

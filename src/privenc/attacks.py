@@ -173,9 +173,10 @@ def _adaptive_applies(ctx: AttackContext) -> str | None:
     encoder = ctx.encoder
     if encoder.kind != "learned":
         return f"the {encoder.kind} baseline was not trained against an adversarial classifier"
+    if encoder.exported is not None:
+        return f"an exported {encoder.exported} file holds no adversarial classifier; audit the run it came from"
     if encoder.run_dir is None:
-        return ("an encoder file alone (or an exported one) holds no adversarial classifier; give its training run "
-                "folder")
+        return "an encoder file alone holds no adversarial classifier; give its training run folder"
     private = encoder.config.train.private
     if ctx.task not in private:
         return f"the encoder was not trained against {ctx.task} (its private tasks: {', '.join(private)})"
