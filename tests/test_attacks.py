@@ -9,8 +9,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import privenc.attacks as attacks_module
 from conftest import TINY
@@ -21,9 +23,11 @@ from privenc.attacks import ADAPTIVE, MULTISCALE, RECORD_KEYS, REGISTRY, ZOO, At
 from privenc.audit import attack_protocol, audit, round_trials
 from privenc.cli import main
 from privenc.config import load_config
+from privenc.data.manifest import CsvSource
+from privenc.data.tasks import attribute_tasks
 from privenc.data.transforms import BatchTransform, ScaledView
 from privenc.deploy import EXPORT_SUFFIX, export
-from privenc.encoders import load_encoder_spec
+from privenc.encoders import all_attribute_tasks, load_encoder_spec
 from privenc.errors import CheckpointError, ConfigError
 from privenc.models import Classifier
 
@@ -343,3 +347,57 @@ def test_an_audit_of_an_exported_file_runs_all_but_the_adaptive_attacker(exports
     assert rows["adaptive"]["skipped"].startswith("an exported safetensors file holds no adversarial classifier")
     assert rows["zoo"]["attackers"] == 1 and rows["multiscale"]["attackers"] >= 1
     assert "| adaptive | skipped: an exported safetensors file" in (tmp_path / "a" / "audit.md").read_text()
+
+
+# --------------------------------------------------------------------------- every attribute
+
+
+def _faces(root):
+    """A CSV manifest of 48 tiny images: gender, smiling, person (12 people), one constant column."""
+    (root / "img").mkdir(parents=True)
+    lines = ["path,gender,smiling,person,camera"]
+    for k in range(48):
+        Image.fromarray(np.full((14, 14, 3), 5 * k, dtype=np.uint8)).save(root / "img" / f"{k:02d}.png")
+        lines.append(f"img/{k:02d}.png,{'mf'[k % 2]},{'yes' if k % 3 else 'no'},p{k % 12},same")
+    (root / "faces.csv").write_text("\n".join(lines) + "\n")
+    return root / "faces.csv"
+
+
+def test_every_attribute_of_a_csv_source_is_a_task(tmp_path):
+    source = CsvSource(_faces(tmp_path))
+    assert attribute_tasks(source) == ["attribute:gender", "attribute:smiling", "attribute:person"]
+    assert attribute_tasks(source, group_by="person") == ["attribute:gender", "attribute:smiling"]
+
+
+def _faces_sets(tmp_path):
+    return [*TINY, *SHORT, "data.source=csv", f"data.root={_faces(tmp_path / 'data')}", "data.group_by=person",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.private=attribute:smiling", "train.desirable=[]"]
+
+
+def test_all_attributes_are_those_of_the_encoders_data(tmp_path, finished_run):
+    config = load_config("demo", _faces_sets(tmp_path))
+    assert all_attribute_tasks("blur", config) == ["attribute:gender", "attribute:smiling"]
+    # a run brings its own data: the synthetic scenes' cues, not the config's CSV columns
+    assert "attribute:gender" not in all_attribute_tasks(str(finished_run), config)
+
+
+@pytest.mark.slow  # an audit of two tasks from the command line: 15 s under load on the 2-core VM
+def test_all_attributes_audits_each_beside_the_tasks_given(tmp_path):
+    sets = _faces_sets(tmp_path)
+    args = ["-q", "audit", "blur", "--config", "demo", *[f"--set={item}" for item in sets],
+            "--task", "attribute:smiling", "--all-attributes", "--attacks", "zoo", "--max-rounds", "1",
+            "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert result["tasks"] == ["attribute:smiling", "attribute:gender"]  # person is data.group_by
+    assert {task: v["role"] for task, v in result["verdicts"].items()} == {"attribute:smiling": "other",
+                                                                          "attribute:gender": "other"}
+
+
+def test_all_attributes_needs_a_source_with_attributes(tmp_path):
+    for category in ("cat", "dog"):
+        (tmp_path / category).mkdir()
+        Image.fromarray(np.zeros((14, 14, 3), dtype=np.uint8)).save(tmp_path / category / "0.png")
+    config = load_config("demo", [*TINY, "data.source=folder", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="the folder source has no attribute to audit besides its categories"):
+        all_attribute_tasks("blur", config)

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to audit (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
+    p.add_argument("--all-attributes", action="store_true",
+                   help="also audit every attribute of the encoder's data source as a task (attribute:<column> "
+                        "of a CSV source; not the category, not data.group_by): leakage of attributes never "
+                        "trained against, role 'other'")
     p.add_argument("--out", required=True, help="audit folder (audit.json, audit.md, trials/); a rerun continues it")
     p.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
                    help="converged when a round raises the best validation balanced accuracy by less than this "

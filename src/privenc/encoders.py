@@ -19,6 +19,7 @@ from torch import nn
 from privenc import runs
 from privenc.config import Config, DataConfig, config_diff, demo_config, load_config
 from privenc.data import open_source, parse_task
+from privenc.data.tasks import attribute_tasks
 from privenc.errors import CheckpointError, ConfigError
 from privenc.models import build_encoder
 
@@ -206,6 +207,18 @@ def verification_config(encoders: list[str], config: str | None, overrides: list
             log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
                         other, source, "; ".join(diff))
     return chosen
+
+
+def all_attribute_tasks(encoder: str, config: Config) -> list[str]:
+    """Every attribute of the data an encoder is verified on, as a task (a run's own data, else
+    the config's): see :func:`privenc.data.tasks.attribute_tasks` for what is left out."""
+    run = run_folder_of(encoder)
+    data = runs.read_config(run).data if run is not None else config.data
+    specs = attribute_tasks(open_source(data), data.group_by)
+    if not specs:
+        raise ConfigError(f"--all-attributes: the {data.source} source has no attribute to audit besides its "
+                          f"categories; a CSV source's columns are its attributes (give tasks with --task)")
+    return specs
 
 
 def default_tasks(encoder: str, config: Config) -> list[str]:
