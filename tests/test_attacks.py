@@ -93,7 +93,7 @@ def test_an_extra_attack_joins_the_worst_case_chosen_on_validation(config, tmp_p
     assert not (out / "attacks" / "g1c0" / "never.json").exists()
     text = (out / "audit.md").read_text()
     assert "worst case (strong) 97.0%" in text and "| never | skipped: not for blur |" in text
-    assert "attack `strong`" in text and "(a stand-in)" in text
+    assert "attack `strong`, `paper` lr 0.001 seed 0, a stand-in (patience 2" in text
     # what the attack was given: the encoder, the task, and round 1's protocol (at least)
     (ctx,) = strong
     widened, lrs, seed = attack_protocol(config.verify, config.verify.lr, 1)
@@ -196,7 +196,7 @@ def test_the_adaptive_attacker_starts_from_the_saved_classifier(finished_run, co
     assert all(torch.equal(state[k], weights[k]) for state in started for k in weights)
     assert [(r["member"], r["lr"], r["checkpoint_step"]) for r in records] == [(0, 1e-3, 9), (0, 1e-4, 9)]
     assert all(set(RECORD_KEYS) <= set(r) and 0 <= r["start_val_bacc"] <= 1 for r in records)
-    assert "from the checkpoint of step 9" in records[0]["detail"]
+    assert records[0]["detail"].startswith("from private classifier 1 of 1 of the checkpoint of step 9 (")
 
 
 def test_one_adaptive_attacker_per_ensemble_member(finished_run, config, tmp_path, monkeypatch):

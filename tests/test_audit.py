@@ -79,7 +79,9 @@ def test_every_attack_that_applies_runs_by_default(finished):
                                 "skipped": "the blur baseline was not trained against an adversarial classifier"}
     saved = json.loads((out / "attacks" / "g1c0" / "multiscale.json").read_text())["records"]
     assert rows["multiscale"]["attackers"] == len(saved) and {r["attack"] for r in saved} == {"multiscale"}
-    assert "| adaptive | skipped: the blur baseline" in (out / "audit.md").read_text()
+    text = (out / "audit.md").read_text()
+    assert "| adaptive | skipped: the blur baseline" in text
+    assert "Attacks: `zoo`, fresh attackers of every family" in text and "`multiscale`, trained on" in text
 
 
 def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):

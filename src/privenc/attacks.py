@@ -19,8 +19,14 @@ What ``run`` receives is an :class:`AttackContext`: the encoder (a
 and the run's train settings), the spec it was loaded from, the task and its role, the
 protocol (``settings``: the encoder's ``[verify]`` with the patience, views and iteration cap
 of the audit's widest round so far, at least round 1's; ``lrs``; ``seed``), the device, and a
-folder of its own for figures or side files. A new attack (the reconstruction attack, say) is
-one function pair and a :func:`register` call.
+folder of its own for figures or side files (created by the attack if it writes there). A
+new attack is one function pair and a :func:`register` call; a standalone attack function
+joins like this::
+
+    register(Attack("reconstruction", "a decoder inverting the encoding (every encoder)",
+                    lambda ctx: None,
+                    lambda ctx: [reconstruction_attack(ctx.encoder, ctx.task, ctx.role, ctx.device,
+                                                       ctx.out_dir, seed=ctx.seed)]))
 
 The runner (:func:`run_attack`) freezes the encoder, checks afterwards that it did not move,
 and writes the records atomically to ``OUT/attacks/<task>/<name>.json`` with the protocol they
@@ -85,7 +91,7 @@ class AttackContext:
 class Attack:
     name: str
     summary: str
-    """One line for ``--help`` and audit.md."""
+    """What it is, in one line (audit.json and audit.md quote it)."""
     applies: Callable[[AttackContext], str | None]
     run: Callable[[AttackContext], list[dict[str, Any]]]
 
@@ -98,6 +104,14 @@ def register(attack: Attack) -> Attack:
         raise ValueError(f"an attack named {attack.name!r} is already registered")
     REGISTRY[attack.name] = attack
     return attack
+
+
+ZOO_SUMMARY = "fresh attackers of every family on the plain encodings, widened round by round"
+
+
+def summaries(names: list[str]) -> dict[str, str]:
+    """What each of ``names`` is, in one line."""
+    return {name: ZOO_SUMMARY if name == ZOO else REGISTRY[name].summary for name in names}
 
 
 def attack_names() -> list[str]:
@@ -222,8 +236,9 @@ def _adaptive_run(ctx: AttackContext) -> list[dict[str, Any]]:
                                     label=f"{encoder.name}/{ctx.task}/adaptive/{member}/lr{lr:g}")
             records.append(record(ctx, encoded, views, result, member=member, checkpoint_step=int(payload["step"]),
                                   start_val_bacc=start["val"], start_test_bacc=start["test"],
-                                  detail=f"private classifier {member + 1} of {members} from the checkpoint of step "
-                                         f"{int(payload['step'])}, saved at {100 * start['val']:.1f}% val"))
+                                  detail=f"from private classifier {member + 1} of {members} of the checkpoint of "
+                                         f"step {int(payload['step'])} ({100 * start['val']:.1f}% on validation as "
+                                         f"saved)"))
             log.info("%s %s adaptive member %d lr %g: test balanced acc %.3f (saved classifier %.3f)", encoder.name,
                      ctx.task, member, lr, result.test_bacc_best, start["test"])
     return records

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.attackers import Encoded, encode_for_attackers
-from privenc.attacks import REGISTRY, ZOO, AttackContext, parse_attacks, run_attack
+from privenc.attacks import REGISTRY, ZOO, AttackContext, parse_attacks, run_attack, summaries
 from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
 from privenc.distributed import resolve_device
 from privenc.encoders import (
@@ -290,7 +290,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
             pool.shutdown(cancel_futures=True)
         _CACHE.clear()  # the encodings of an in-process search are not needed after it
     result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "attacks": chosen,
-              "margin_points": margin,
+              "attack_summaries": summaries(chosen), "margin_points": margin,
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
               "seconds": round(time.time() - started, 1), "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}

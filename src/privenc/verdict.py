@@ -85,14 +85,16 @@ def audit_markdown(result: dict[str, Any]) -> str:
     lines = [f"# privenc audit: {result['encoder']}", "",
              f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
              + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
-             + f"; {result['seconds']:.0f} s.", ""]
+             + f"; {result['seconds']:.0f} s.", "",
+             "Attacks: " + "; ".join(f"`{name}`, {text}" for name, text in result["attack_summaries"].items())
+             + ".", ""]
     for task, v in result["verdicts"].items():
         w = v["worst_case"]
         lines += [f"## {task}", "", verdict_line(v, margin), "",
-                  f"Chosen on validation: attack `{w['attack']}`, `{w['attacker']}` lr {w['lr']:g} seed {w['seed']} "
-                  + (f"of round {w['round']} " if w["round"] is not None else "")
-                  + (f"({w['detail']}) " if w["detail"] else "")
-                  + f"(patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
+                  f"Chosen on validation: attack `{w['attack']}`, `{w['attacker']}` lr {w['lr']:g} seed {w['seed']}"
+                  + (f" of round {w['round']}" if w["round"] is not None else "")
+                  + (f", {w['detail']}" if w["detail"] else "")
+                  + f" (patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
                   f"{'' if w['saturated'] else ', not saturated'}); validation balanced accuracy "
                   f"{100 * w['val_bacc_best']:.1f}%.", "",
                   "| attack | attackers | best val bal. acc | its test bal. acc [95% CI] |", "|---|---|---|---|"]
