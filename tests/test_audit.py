@@ -70,13 +70,28 @@ def test_a_huge_margin_stops_after_round_one(finished):
     assert "Converged after round 1" in (out / "audit.md").read_text()
 
 
+def test_every_attack_that_applies_runs_by_default(finished):
+    _, out, result = finished
+    rows = {row["attack"]: row for row in result["verdicts"]["g1c0"]["attacks"]}
+    assert list(rows) == ["zoo", "adaptive", "multiscale"] and result["attacks"] == list(rows)
+    assert rows["zoo"]["attackers"] == 1 + len(ATTACKERS) * 2 * 2
+    assert rows["adaptive"] == {"attack": "adaptive",
+                                "skipped": "the blur baseline was not trained against an adversarial classifier"}
+    saved = json.loads((out / "attacks" / "g1c0" / "multiscale.json").read_text())["records"]
+    assert rows["multiscale"]["attackers"] == len(saved) and {r["attack"] for r in saved} == {"multiscale"}
+    text = (out / "audit.md").read_text()
+    assert "| adaptive | skipped: the blur baseline" in text
+    assert "Attacks: `zoo`, fresh attackers of every family" in text and "`multiscale`, trained on" in text
+
+
 def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):
     _, out, result = finished
     trials = [json.loads(p.read_text()) for p in sorted((out / "trials" / "g1c0").glob("*.json"))]
+    trials += json.loads((out / "attacks" / "g1c0" / "multiscale.json").read_text())["records"]
     worst = result["verdicts"]["g1c0"]["worst_case"]
     assert worst["val_bacc_best"] == max(t["val_bacc_best"] for t in trials)
-    chosen = [t for t in trials if (t["attacker"], t["lr"], t["seed"], t["round"]) ==
-              (worst["attacker"], worst["lr"], worst["seed"], worst["round"])]
+    chosen = [t for t in trials if (t["attack"], t["attacker"], t["lr"], t["seed"], t.get("round")) ==
+              (worst["attack"], worst["attacker"], worst["lr"], worst["seed"], worst["round"])]
     assert len(chosen) == 1 and chosen[0]["test_bacc_best"] == worst["test_bacc_best"]
 
 

@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,14 +73,20 @@ class Encoded:
 
 @torch.no_grad()
 def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int, device: torch.device,
-                progress: bool = False) -> Encoded:
+                progress: bool = False, train_views: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> Encoded:
+    """``views`` augmented views of each training image (the training augmentation), and val and
+    test by the evaluation transform. ``train_views``, when given, replaces the training
+    augmentation: one view per transform (uint8 batch -> encoder input), e.g. the multi-scale
+    attacker's rescaled views; val and test stay what the encoder meets when deployed."""
     xs: dict[str, torch.Tensor] = {}
     ys: dict[str, torch.Tensor] = {}
-    for split, augment, repeats in (("train", True, views), ("val", False, 1), ("test", False, 1)):
+    train_transforms = train_views or [BatchTransform(data.config, augment=True)] * views
+    for split, transforms in (("train", train_transforms), ("val", [BatchTransform(data.config, augment=False)]),
+                              ("test", [BatchTransform(data.config, augment=False)])):
         dataset = data.uint8_dataset(split)
-        transform = BatchTransform(data.config, augment)  # on the device, a batch at a time
         chunks, labels = [], []
-        for _ in range(repeats):
+        for transform in transforms:  # on the device, a batch at a time
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
             for images, label in tqdm(loader, desc=f"encode {split}", leave=False, disable=not progress):
                 chunks.append(encoder(transform(images.to(device))).float().cpu())
@@ -93,14 +100,16 @@ def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int,
 
 
 def encode_for_attackers(encoder: LoadedEncoder, task: str, views: int, batch_size: int, device: torch.device,
-                         progress: bool = False) -> Encoded:
+                         progress: bool = False,
+                         train_views: list[Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Encoded:
     """One task's pool through the fixed encoder, on its run's splits: the same encodings
-    whatever ran before in this process (verify, a grid cell, an audit trial)."""
+    whatever ran before in this process (verify, a grid cell, an audit trial). ``train_views``:
+    see :func:`encode_task`."""
     data = prepare(encoder.config.data, [task], run_dir=encoder.run_dir)
     # The augmented views come from the global generator: seed it, so that a cell's numbers
     # do not depend on what ran before it in this process (grid order, a resumed grid).
     torch.manual_seed(encoder.config.data.seed)
-    return encode_task(encoder.module, data, views, batch_size, device, progress)
+    return encode_task(encoder.module, data, views, batch_size, device, progress, train_views)
 
 
 # --------------------------------------------------------------------------- one attacker
@@ -155,7 +164,9 @@ class Scores:
     predictions: torch.Tensor
 
 
-def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Scores:
+def score_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Scores:
+    """``model`` on one split's encodings ``x`` with labels ``y`` (scored in eval mode, then back in
+    training mode)."""
     predictions, ce = _predict(model, x, y, device)
     return Scores(float((predictions == y).float().mean()), balanced_accuracy(predictions, y), ce, predictions)
 
@@ -190,8 +201,12 @@ def bootstrap_balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
 def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: float, seed: int,
                    device: torch.device, family: str = "paper", progress: bool = False,
                    label: str = "") -> AttackerResult:
-    """Train one classifier from scratch under the protocol. Shared by verification of learned
-    encoders, the Identity and Blur baselines and every attacker family of the zoo.
+    """Train one classifier under the protocol. Shared by verification of learned encoders, the
+    Identity and Blur baselines, every attacker family of the zoo and the audit's extra attacks.
+
+    Training starts from ``model``'s weights as given, never re-initialized: fresh ones for
+    verification (Sec. 4.1 trains attackers from scratch), the saved adversarial classifier for
+    the adaptive attacker (:mod:`privenc.attacks`). Only the optimizer is new.
 
     With ``settings.channels_last``, convolutional attackers (:class:`Classifier`) and their data
     take the channels-last memory format; the numbers do not depend on it beyond float rounding."""
@@ -226,7 +241,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         if not torch.isfinite(loss):  # checked when evaluating (no GPU sync per step); NaN weights stay NaN
             raise VerificationError(f"{label or family}: non-finite attacker loss by iteration {iteration} "
                                     f"(lr {optimizer.param_groups[0]['lr']:g}); its accuracies would be meaningless")
-        val = _scores(model, x_all["val"], data.y["val"], device)
+        val = score_split(model, x_all["val"], data.y["val"], device)
         current_lr = optimizer.param_groups[0]["lr"]
         curve.append([iteration, val.acc, current_lr, val.bacc])
         if val.bacc > best_val:
@@ -241,11 +256,11 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final = _scores(model, x_all["val"], data.y["val"], device)
-    test_final = _scores(model, x_all["test"], data.y["test"], device)
+    val_final = score_split(model, x_all["val"], data.y["val"], device)
+    test_final = score_split(model, x_all["test"], data.y["test"], device)
     model.load_state_dict(best_state)
-    val_best = _scores(model, x_all["val"], data.y["val"], device)
-    test_best = _scores(model, x_all["test"], data.y["test"], device)
+    val_best = score_split(model, x_all["val"], data.y["val"], device)
+    test_best = score_split(model, x_all["test"], data.y["test"], device)
     interval = bootstrap_balanced_accuracy(test_best.predictions, data.y["test"])
     return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, val_best.acc, test_best.acc,
                           test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),

@@ -26,6 +26,22 @@ Resumable like the grid: each finished trial (attacker x learning rate x seed of
 written atomically to ``OUT/trials/<task>/<trial>.json`` and a rerun reads it back instead of
 training it again; so a rerun with a larger budget continues where the last one stopped.
 Trials of a round run in parallel processes (``jobs``).
+
+After the zoo search of a task, the extra attacks of :mod:`privenc.attacks` run (``attacks``
+chooses which; default all): the adaptive attacker, fine-tuned from the adversarial classifier
+the encoder was trained against (a run folder with its checkpoint, on a task it was trained
+against), and the multi-scale attacker, trained on encodings of views at several scales (every
+encoder). They train under the protocol of the widest round the search ran (at least round 1's:
+its patience, views, iteration cap and learning rates; the first seed), in this process, and are
+kept in ``OUT/attacks/<task>/<name>.json``. The worst case is chosen on validation over the zoo
+and these; an attack that does not apply is listed with the reason. Round 0 stays what plain
+verification reports; without ``zoo`` among the attacks only round 0 of the search runs.
+
+What each encoder gets: a run folder (or its encoder.pt) every attack; an encoder file alone or
+a ``.safetensors`` / ``.torchscript.pt`` export, on the config's data, all but the adaptive
+attacker; Identity and Blur the zoo and the multi-scale attacker. ``privenc audit
+--all-attributes`` adds every attribute of the encoder's data as a task
+(:func:`privenc.encoders.all_attribute_tasks`): leakage of what it was never trained against.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ from tqdm.auto import tqdm
 
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.attackers import Encoded, encode_for_attackers
+from privenc.attacks import REGISTRY, ZOO, AttackContext, parse_attacks, run_attack, summaries
 from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
 from privenc.distributed import resolve_device
 from privenc.encoders import (
@@ -87,6 +104,16 @@ class Trial:
     @property
     def name(self) -> str:
         return f"r{self.round}_{self.family}_lr{self.lr:g}_s{self.seed}"
+
+
+def attack_protocol(settings: VerifyConfig, lr: float, k: int) -> tuple[VerifyConfig, tuple[float, ...], int]:
+    """(settings, learning rates, seed) of the extra attacks after a search whose widest round
+    was ``k``: that round's patience, views, iteration cap and learning rates (at least round
+    1's, so that an extra attack is never narrower than the zoo's first widening), one seed."""
+    trials = round_trials(settings, lr, max(1, k))
+    first = trials[0]
+    widened = dataclasses.replace(settings, patience=first.patience, views=first.views, max_iters=first.max_iters)
+    return widened, tuple(dict.fromkeys(t.lr for t in trials)), settings.seeds[0]
 
 
 def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
@@ -147,8 +174,9 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
     result = fit_classifier(model, encoded, settings, trial.lr, trial.seed, torch_device, trial.family,
                             label=f"{encoder.name}/{task}/{trial.name}")
     assert_unchanged(encoder.module, snapshot, encoder.name)
-    record = {**attacker_record(encoder, task, role, encoded, trial.views, result), "round": trial.round,
-              "trial": trial.name, "patience": trial.patience, "views": trial.views, "max_iters": trial.max_iters}
+    record = {**attacker_record(encoder, task, role, encoded, trial.views, result), "attack": ZOO,
+              "round": trial.round, "trial": trial.name, "patience": trial.patience, "views": trial.views,
+              "max_iters": trial.max_iters}
     atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
     return path
 
@@ -170,9 +198,10 @@ def _read_trial(path: Path) -> dict[str, Any] | None:
 
 def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, margin: float = 1.0,
           max_rounds: int = 3, max_minutes: float | None = None, jobs: int = 1, identity: str | None = None,
-          fail_above: float | None = None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Search the attacker zoo for the worst case of ``encoder_spec`` on each task; write
-    ``OUT/audit.json`` and ``OUT/audit.md`` and return what audit.json holds.
+          fail_above: float | None = None, device: str = "auto", progress: bool = True,
+          attacks: list[str] | None = None) -> dict[str, Any]:
+    """Search the attacker zoo for the worst case of ``encoder_spec`` on each task, then run the
+    extra attacks; write ``OUT/audit.json`` and ``OUT/audit.md`` and return what audit.json holds.
 
     ``margin`` and ``fail_above`` are in points of balanced accuracy (1.0 = 0.01). The search of
     a task stops when a round raises the best validation balanced accuracy by less than
@@ -181,9 +210,11 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     None, ``"compute"`` (plain verification of raw images on the encoder's data and settings,
     kept in ``OUT/identity``) or a verify or grid folder holding Identity's records.
     ``result["failed"]`` lists the tasks whose worst case is more than ``fail_above`` points
-    of balanced accuracy above its chance level 1/K.
+    of balanced accuracy above its chance level 1/K. ``attacks``: names from
+    :func:`privenc.attacks.attack_names` (``zoo`` is the search beyond round 0); None = all.
     """
     out_dir = Path(out_dir)
+    chosen = parse_attacks(None if attacks is None else ",".join(attacks))
     if not (isinstance(margin, (int, float)) and 0 <= margin < 100):
         raise ConfigError(f"--margin is in points of balanced accuracy, from 0 to under 100; got {margin}")
     if max_rounds < 1:
@@ -212,13 +243,14 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
     threads = max(1, (os.cpu_count() or 1) // jobs)
     verdicts = {}
+    attack_encoder: LoadedEncoder | None = None
     try:
         for task in tasks:
             role = roles.get(task, "other")
             records: list[dict[str, Any]] = []
             rounds: list[dict[str, Any]] = []
-            stopped_by = "max_rounds"
-            for k in range(max_rounds):
+            stopped_by = "max_rounds" if ZOO in chosen else "zoo_left_out"
+            for k in range(max_rounds if ZOO in chosen else 1):
                 if k > 0 and max_minutes is not None and time.time() - started > 60 * max_minutes:
                     stopped_by = "max_minutes"
                     break
@@ -240,13 +272,25 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                 if rise is not None and rise < margin / 100:
                     stopped_by = "margin"
                     break
+            outcomes = []
+            for name in (n for n in chosen if n != ZOO):
+                if attack_encoder is None:  # loaded once, on the device, when the first extra attack runs
+                    attack_encoder = load_encoder_spec(encoder_spec, config, resolve_device(device))
+                widened, lrs, seed = attack_protocol(settings, lr, len(rounds) - 1)
+                folder = out_dir / "attacks" / task.replace("/", "-")
+                context = AttackContext(encoder_spec, attack_encoder, task, role, widened, lrs, seed,
+                                        resolve_device(device), folder / name)
+                outcomes.append(run_attack(REGISTRY[name], context, folder / f"{name}.json"))
+                if "skipped" in outcomes[-1]:
+                    log.info("audit %s: attack %s skipped: %s", task, name, outcomes[-1]["skipped"])
             verdicts[task] = verdict(task, role, records, rounds, stopped_by, margin, references.get(task),
-                                      fail_above)
+                                      fail_above, outcomes)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         _CACHE.clear()  # the encodings of an in-process search are not needed after it
-    result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "margin_points": margin,
+    result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "attacks": chosen,
+              "attack_summaries": summaries(chosen), "margin_points": margin,
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
               "seconds": round(time.time() - started, 1), "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}

@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train fresh attackers from scratch on a fixed encoder's outputs until "
                                    "validation accuracy saturates, drop the LR 10x once, saturate again, and "
                                    "report validation and test accuracy (Sec. 4.1 of the paper).")
-    p.add_argument("encoder", help="a training run folder or its encoder.pt, 'identity' (raw images) or 'blur' "
-                                   "(Naive Blur)")
+    p.add_argument("encoder", help="a training run folder or its encoder.pt, a .safetensors or .torchscript.pt "
+                                   "export (on the --config data), 'identity' (raw images) or 'blur' (Naive Blur)")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grid", help="verify encoders x tasks (the shape of Table 2), resumable",
                        description="Verify every encoder on every task; finished cells are skipped on a rerun.")
-    p.add_argument("--encoders", nargs="+", required=True, help="run folders or their encoder.pt, 'identity', 'blur'")
+    p.add_argument("--encoders", nargs="+", required=True, help="run folders or their encoder.pt, .safetensors or "
+                   ".torchscript.pt exports, 'identity', 'blur'")
     p.add_argument("--tasks", nargs="+", default=[],
                    help="tasks (category names or attribute:<column>; default: verify.tasks)")
     p.add_argument("--out", required=True, help="grid folder")
@@ -124,10 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the majority rate and bits. Resumable: finished attackers are kept in "
                                    "OUT/trials and a rerun (also with a larger budget) reuses them. Exit status "
                                    "1 when --fail-above is exceeded, 2 on an error.")
-    p.add_argument("encoder", help="a training run folder or its encoder.pt, 'identity' or 'blur'")
+    p.add_argument("encoder", help="a training run folder or its encoder.pt (every attack), a .safetensors or "
+                                   ".torchscript.pt export with --config for its data (all but adaptive), "
+                                   "'identity' or 'blur'")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to audit (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
+    p.add_argument("--all-attributes", action="store_true",
+                   help="also audit every attribute of the encoder's data source as a task (attribute:<column> "
+                        "of a CSV source; not the category, not data.group_by): leakage of attributes never "
+                        "trained against, role 'other'")
     p.add_argument("--out", required=True, help="audit folder (audit.json, audit.md, trials/); a rerun continues it")
     p.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
                    help="converged when a round raises the best validation balanced accuracy by less than this "
@@ -137,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
                    help="start no new round after this many minutes of this call (default: no limit)")
     p.add_argument("--jobs", type=_positive, default=1, help="attackers of a round in parallel processes (default 1)")
+    p.add_argument("--attacks", metavar="LIST",
+                   help="comma-separated attacks to run (default: all that apply): zoo (the search beyond round 0; "
+                        "round 0, plain verify, always runs), adaptive (fine-tuned from the adversarial classifier "
+                        "the encoder was trained against: a run folder with its checkpoint, on its private tasks), "
+                        "multiscale (trained on encodings of views at scales 0.75, 1, 1.25; every encoder). Those "
+                        "that do not apply are listed in the verdict with the reason")
     p.add_argument("--identity", metavar="compute|FOLDER",
                    help="quote Identity (raw images) beside the worst case: 'compute' verifies it with the same "
                         "data and [verify] settings into OUT/identity, or give a verify or grid folder holding it")

@@ -134,14 +134,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from privenc.attacks import parse_attacks
     from privenc.audit import audit
-    from privenc.encoders import default_tasks
+    from privenc.encoders import all_attribute_tasks, default_tasks
 
+    attacks = parse_attacks(args.attacks)  # a typo fails before the config is read
     config = _verification_config(args, [args.encoder])
     tasks = args.tasks or config.verify.tasks or default_tasks(args.encoder, config)
+    if args.all_attributes:
+        tasks = list(dict.fromkeys([*tasks, *all_attribute_tasks(args.encoder, config)]))
     result = audit(args.encoder, config, tasks, Path(args.out), margin=args.margin, max_rounds=args.max_rounds,
                    max_minutes=args.max_minutes, jobs=args.jobs, identity=args.identity, fail_above=args.fail_above,
-                   device=args.device, progress=not args.no_progress)
+                   device=args.device, progress=not args.no_progress, attacks=attacks)
     print((Path(args.out) / "audit.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'audit.json'}")
     if result["failed"]:

@@ -7,7 +7,9 @@ config it is verified on; frozen while attackers train on it, and checked afterw
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from torch import nn
 from privenc import runs
 from privenc.config import Config, DataConfig, config_diff, demo_config, load_config
 from privenc.data import open_source, parse_task
-from privenc.errors import ConfigError
+from privenc.data.tasks import attribute_tasks
+from privenc.errors import CheckpointError, ConfigError
 from privenc.models import build_encoder
 
 log = logging.getLogger(__name__)
@@ -35,21 +38,34 @@ class LoadedEncoder:
     module: nn.Module
     config: Config          # the config that defines its data (a run's own, for learned encoders)
     run_dir: Path | None    # training run folder (its splits are reused)
+    exported: str | None = None  # the format of an exported file (``privenc export``): torchscript | safetensors
+
+
+EXPORTED = {".safetensors": "safetensors", ".torchscript.pt": "torchscript"}
+"""The exported files verification loads (name suffix -> format). ONNX is not among them: it
+would need onnxruntime wrapped as a module; its source run folder or another export serves."""
+
+
+def exported_format(path: Path) -> str | None:
+    """The format of an exported encoder file that verification can load, by its name."""
+    return next((fmt for suffix, fmt in EXPORTED.items() if Path(path).name.endswith(suffix)), None)
 
 
 def learned_encoder_path(spec: str) -> Path:
-    """The path of a learned encoder given to ``verify`` or ``grid`` (a training run folder or
-    its ``encoder.pt``); anything else is a ConfigError that says what was expected."""
+    """The path of a learned encoder given to ``verify``, ``grid`` or ``audit`` (a training run
+    folder, its ``encoder.pt``, an encoder file, or a ``.safetensors`` / ``.torchscript.pt``
+    export); anything else is a ConfigError that says what was expected."""
     path = Path(spec)
-    expected = "give a training run folder, its encoder.pt, 'identity' or 'blur'"
+    expected = ("give a training run folder, its encoder.pt, a .safetensors or .torchscript.pt export, 'identity' "
+                "or 'blur'")
     if not path.exists():
         raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
     if path.is_dir() and not runs.is_finished(path):
         what = "an unfinished training run" if runs.is_run(path) else "not a training run folder"
         raise ConfigError(f"encoder {spec!r} is {what} (no {runs.ENCODER_FILE} inside); {expected}")
-    if path.is_file() and (path.suffix in (".onnx", ".safetensors", ".json") or path.name.endswith(".torchscript.pt")):
-        raise ConfigError(f"encoder {spec!r} is an exported file; verification loads the encoder it was exported "
-                          f"from: {expected}")
+    if path.is_file() and (path.suffix in (".onnx", ".json")):
+        raise ConfigError(f"encoder {spec!r} is an exported file that verification cannot load (ONNX, or an "
+                          f"export's contract); {expected}")
     return path
 
 
@@ -82,14 +98,18 @@ def check_tasks(data: DataConfig, tasks: list[str]) -> None:
 
 
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
-    """``identity``, ``blur``, a training run folder or its encoder.pt. A learned encoder in a
-    run folder brings its own data config (input size, split) and reuses the run's splits; an
-    encoder file alone is verified on ``config``'s data, which must have its input size.
-    Verification settings are always ``config``'s."""
+    """``identity``, ``blur``, a training run folder or its encoder.pt, an encoder file, or an
+    exported ``.safetensors`` / ``.torchscript.pt``. A learned encoder in a run folder brings its
+    own data config (input size, split) and reuses the run's splits; an encoder file alone is
+    verified on ``config``'s data, which must have its input size, and an exported file likewise
+    (also its load size, as its input contract says). Verification settings are always
+    ``config``'s."""
     if spec in BASELINES:
         module = build_encoder(spec, config.encoder, config.data.image_size)
         return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
     path = learned_encoder_path(spec)
+    if exported_format(path) is not None:
+        return _load_exported(spec, path, config, device)
     module = runs.load_encoder(path, device)
     run_dir = run_folder_of(spec)
     run_config = runs.read_config(run_dir) if run_dir is not None else copy.deepcopy(config)
@@ -100,6 +120,41 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
                       f"alone is verified on the --config data: give its run folder, or set data.image_size)")
         raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
     return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
+
+
+def _load_exported(spec: str, path: Path, config: Config, device: torch.device) -> LoadedEncoder:
+    """An exported encoder, verified on ``config``'s data, which must follow its input contract
+    (image_size and load_size): the contract says how the deployed encoder's images are made."""
+    from privenc.deploy import contract_path, load_safetensors
+
+    fmt = exported_format(path)
+    if fmt == "safetensors":
+        module, contract = load_safetensors(path, device)  # the contract is in its metadata
+    else:
+        try:
+            contract = json.loads(contract_path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: its input contract {contract_path(path)} is missing or unreadable "
+                                  f"({type(err).__name__}: {err}); export it again with privenc export") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; still the portable format
+                module = torch.jit.load(str(path), map_location=device).eval()
+        except (RuntimeError, ValueError, OSError) as err:
+            raise CheckpointError(f"{path}: not a loadable TorchScript file (truncated or corrupt?): {err}") from None
+    try:
+        sizes = {key: int(contract["input"][key]) for key in ("image_size", "load_size")}
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its input contract lacks a usable input size ({type(err).__name__}: {err}); "
+                              f"export it again with privenc export") from None
+    run_config = copy.deepcopy(config)
+    for key, wanted in sizes.items():
+        given = getattr(run_config.data, key)
+        if wanted != given:
+            raise ConfigError(f"encoder {spec!r} was exported for data.{key} = {wanted} (its input contract), but "
+                              f"the data config gives {given}: an exported file is verified on the --config data; "
+                              f"--set data.{key}={wanted}")
+    return LoadedEncoder(encoder_name(spec), "learned", module, run_config, None, exported=fmt)
 
 
 def freeze(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -152,6 +207,18 @@ def verification_config(encoders: list[str], config: str | None, overrides: list
             log.warning("%s was trained with other verification settings; all cells use those of %s: %s",
                         other, source, "; ".join(diff))
     return chosen
+
+
+def all_attribute_tasks(encoder: str, config: Config) -> list[str]:
+    """Every attribute of the data an encoder is verified on, as a task (a run's own data, else
+    the config's): see :func:`privenc.data.tasks.attribute_tasks` for what is left out."""
+    run = run_folder_of(encoder)
+    data = runs.read_config(run).data if run is not None else config.data
+    specs = attribute_tasks(open_source(data), data.group_by)
+    if not specs:
+        raise ConfigError(f"--all-attributes: the {data.source} source has no attribute to audit besides its "
+                          f"categories; a CSV source's columns are its attributes (give tasks with --task)")
+    return specs
 
 
 def default_tasks(encoder: str, config: Config) -> list[str]:

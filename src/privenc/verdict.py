@@ -1,6 +1,7 @@
-"""The audit's verdict per task: the worst case over every attacker (chosen on validation,
-reported on test as balanced accuracy with its interval), against chance, plain verification
-and Identity; and audit.md, the verdicts as a person reads them.
+"""The audit's verdict per task: the worst case over every attacker of the zoo search and of
+the extra attacks (chosen on validation, reported on test as balanced accuracy with its
+interval), against chance, plain verification and Identity, with the best of each attack and
+the attacks skipped and why; and audit.md, the verdicts as a person reads them.
 """
 
 from __future__ import annotations
@@ -9,20 +10,34 @@ from typing import Any
 
 from privenc.verification import selection_score
 
+WORST_CASE_KEYS = ("attack", "attacker", "seed", "lr", "round", "patience", "views", "iters", "saturated",
+                   "val_bacc_best", "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits", "detail")
+"""What the verdict quotes of the chosen attacker (``round`` is None and ``detail`` says what
+else identifies it for an extra attack)."""
+
+STOPPED = {"max_rounds": "the round budget", "max_minutes": "the time budget"}
+
 
 def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[dict[str, Any]], stopped_by: str,
-             margin: float, identity: dict[str, Any] | None, fail_above: float | None) -> dict[str, Any]:
-    worst = max(records, key=selection_score)  # chosen on validation, as verify chooses
+             margin: float, identity: dict[str, Any] | None, fail_above: float | None,
+             attacks: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``records``: the zoo's trials (rounds); ``attacks``: the outcomes of the extra attacks
+    (:func:`privenc.attacks.run_attack`), whose records join the choice of the worst case."""
+    extra = [r for outcome in attacks for r in outcome.get("records", [])]
+    # Chosen on validation, as verify chooses; the zoo comes first, so it wins a tie.
+    worst = {"attack": "zoo", "round": None, "detail": None,
+             **max([*records, *extra], key=selection_score)}
     plain = max((r for r in records if r["round"] == 0), key=selection_score)
     above = 100 * (worst["test_bacc_best"] - worst["bacc_chance"])
-    keys = ("attacker", "seed", "lr", "round", "patience", "views", "iters", "saturated", "val_bacc_best",
-            "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits")
     return {
         "task": task, "role": role,
         "converged": stopped_by == "margin", "stopped_by": stopped_by, "rounds_run": len(rounds),
         "last_rise_points": None if rounds[-1]["rise"] is None else 100 * rounds[-1]["rise"],
         "rounds": rounds,
-        "worst_case": {key: worst[key] for key in keys},
+        "worst_case": {key: worst.get(key) for key in WORST_CASE_KEYS},
+        "attacks": [_attack_summary("zoo", records), *(
+            {"attack": o["attack"], "skipped": o["skipped"]} if "skipped" in o
+            else _attack_summary(o["attack"], o["records"]) for o in attacks)],
         "majority_rate": worst["chance"], "bacc_chance": worst["bacc_chance"], "n_test": worst["n_test"],
         "above_chance_points": above,
         # the interval reaches chance: no evidence that the attacker beats guessing
@@ -34,21 +49,30 @@ def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[di
     }
 
 
+def _attack_summary(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One attack's row: its attacker chosen on validation, and that attacker's test numbers."""
+    best = max(records, key=selection_score)
+    return {"attack": name, "attackers": len(records), "best_val_bacc": selection_score(best),
+            "test_bacc_best": best["test_bacc_best"], "test_bacc_ci95": best["test_bacc_ci95"]}
+
+
 def verdict_line(v: dict[str, Any], margin: float) -> str:
     w = v["worst_case"]
     lo, hi = w["test_bacc_ci95"]
-    text = (f"{v['task']} ({v['role']}): worst case {100 * w['test_bacc_best']:.1f}% balanced accuracy "
-            f"[{100 * lo:.1f}, {100 * hi:.1f}], {v['above_chance_points']:+.1f} points vs chance "
+    text = (f"{v['task']} ({v['role']}): worst case ({w['attack']}) {100 * w['test_bacc_best']:.1f}% balanced "
+            f"accuracy [{100 * lo:.1f}, {100 * hi:.1f}], {v['above_chance_points']:+.1f} points vs chance "
             f"{100 * v['bacc_chance']:.1f}% ({'at chance' if v['at_chance'] else 'above chance'}); accuracy "
             f"{100 * w['test_acc_best']:.1f}%, majority rate {100 * v['majority_rate']:.1f}%; "
             f"{w['info_bits']:.3f} bits; plain verify {100 * v['plain_verify_test_bacc']:.1f}%")
     if v["identity_test_bacc"] is not None:
         text += f"; Identity {100 * v['identity_test_bacc']:.1f}%"
     rise = v["last_rise_points"]
-    if v["converged"]:
+    if v["stopped_by"] == "zoo_left_out":
+        text += ". The zoo search beyond round 0 was left out (--attacks)."
+    elif v["converged"]:
         text += f". Converged after round {v['rounds_run'] - 1} (last rise {rise:.2f} < {margin:g} points)."
     else:
-        budget = {"max_rounds": "the round budget", "max_minutes": "the time budget"}[v["stopped_by"]]
+        budget = STOPPED[v["stopped_by"]]
         still = "no round after round 0 to compare" if rise is None else f"the last round still rose {rise:.2f} points"
         text += f". NOT converged: {budget} ran out after round {v['rounds_run'] - 1}; {still}."
     if v["failed"]:
@@ -61,14 +85,27 @@ def audit_markdown(result: dict[str, Any]) -> str:
     lines = [f"# privenc audit: {result['encoder']}", "",
              f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
              + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
-             + f"; {result['seconds']:.0f} s.", ""]
+             + f"; {result['seconds']:.0f} s.", "",
+             "Attacks: " + "; ".join(f"`{name}`, {text}" for name, text in result["attack_summaries"].items())
+             + ".", ""]
     for task, v in result["verdicts"].items():
         w = v["worst_case"]
         lines += [f"## {task}", "", verdict_line(v, margin), "",
-                  f"Chosen on validation: `{w['attacker']}` lr {w['lr']:g} seed {w['seed']} of round {w['round']} "
-                  f"(patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
+                  f"Chosen on validation: attack `{w['attack']}`, `{w['attacker']}` lr {w['lr']:g} seed {w['seed']}"
+                  + (f" of round {w['round']}" if w["round"] is not None else "")
+                  + (f", {w['detail']}" if w["detail"] else "")
+                  + f" (patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
                   f"{'' if w['saturated'] else ', not saturated'}); validation balanced accuracy "
                   f"{100 * w['val_bacc_best']:.1f}%.", "",
+                  "| attack | attackers | best val bal. acc | its test bal. acc [95% CI] |", "|---|---|---|---|"]
+        for a in v["attacks"]:
+            if "skipped" in a:
+                lines.append(f"| {a['attack']} | skipped: {a['skipped']} | — | — |")
+            else:
+                lo, hi = a["test_bacc_ci95"]
+                lines.append(f"| {a['attack']} | {a['attackers']} | {100 * a['best_val_bacc']:.1f}% "
+                             f"| {100 * a['test_bacc_best']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
+        lines += ["",
                   "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
                   "| round's best val bal. acc | best so far | rise (points) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

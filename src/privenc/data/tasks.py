@@ -156,6 +156,26 @@ def _detect(spec: str, source: Source) -> Task:
     )
 
 
+def attribute_tasks(source: Source, group_by: str = "") -> list[str]:
+    """``attribute:<name>`` for every attribute of ``source`` an attacker could learn, in the
+    source's order: the columns of a CSV source, the cues of the synthetic scenes. Left out:
+    ``category`` (its values are the categories that detection tasks name one by one; give
+    ``attribute:category`` to audit it as one task), ``group_by`` (data.group_by: its values
+    never cross splits, so test images hold only values no attacker trained on), and attributes
+    with fewer than two known values (nothing to predict)."""
+    specs = []
+    for name, values in source.attributes.items():
+        if name == "category":
+            continue
+        if name == group_by:
+            log.info("attribute %r is data.group_by: its values never cross splits; not audited", name)
+        elif len({v for v in values if v}) < 2:
+            log.info("attribute %r has fewer than two known values; not audited", name)
+        else:
+            specs.append(ATTRIBUTE_PREFIX + name)
+    return specs
+
+
 def combine_tasks(tasks: list[Task]) -> Task:
     """N desirable detection tasks -> one (N+1)-way task (Sec. 3); N == 1 returns it unchanged.
 

@@ -82,3 +82,42 @@ class BatchTransform:
         grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
         out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.div_(127.5).sub_(1.0)
+
+
+class ScaledView:
+    """The evaluation view at another scale: the load_size image resized by a fixed ``scale``
+    (1 = the evaluation view's scale), then an image_size crop: at a random position when the
+    resized image is larger, centred and padded with black (0, as ``train_transform`` pads) when
+    it is smaller. uint8 (B, 3, L, L) -> float32 (B, 3, S, S) in [-1, 1], a batch at a time on
+    its device; the crop positions come from torch's global generator.
+
+    The multi-scale attacker (:mod:`privenc.attacks`) trains on such views at scales beyond the
+    training augmentation's ``data.scale_range`` (which never zooms out): an attacker that has
+    seen the encoding of an object at several sizes may read what one scale hides.
+    """
+
+    def __init__(self, cfg: DataConfig, scale: float) -> None:
+        if not scale > 0:
+            raise ValueError(f"a view's scale must be > 0, got {scale}")
+        self.load_size, self.image_size, self.scale = cfg.load_size, cfg.image_size, float(scale)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size, full, scale = self.image_size, self.load_size, self.scale
+        x = images.float()
+        batch = x.shape[0]
+        room = full * scale - size                                # resized pixels to spare (< 0: padding)
+        if room >= 0:
+            offset = torch.rand(batch, 2) * room                  # (B, 2): x, y
+        else:
+            offset = torch.full((batch, 2), room / 2)              # centred in the padding
+        # As in BatchTransform: output pixel u samples the original at (offset + u + 0.5) / scale.
+        a = size / (full * scale)
+        theta = torch.zeros(batch, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = a
+        theta[:, 0, 2] = (2 * offset[:, 0] + size) / (full * scale) - 1
+        theta[:, 1, 2] = (2 * offset[:, 1] + size) / (full * scale) - 1
+        grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
+        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # Border padding keeps the image's edge pixels intact; outside the image, black.
+        inside = (grid.abs() <= 1).all(dim=-1)[:, None]            # (B, 1, S, S)
+        return out.mul_(inside).div_(127.5).sub_(1.0)
