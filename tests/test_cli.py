@@ -21,6 +21,14 @@ def test_every_subcommand_has_help(capsys):
     assert "usage: privenc" in capsys.readouterr().out
 
 
+def test_train_help_names_the_options_against_retrained_attackers(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for key in ("train.private_ensemble", "train.adversary_reset_every", "train.classifier_steps"):
+        assert key in text
+
+
 def test_config_errors_are_one_line_not_a_traceback(capsys):
     assert main(["config", "--set", "train.itres=3"]) == 2
     err = capsys.readouterr().err

@@ -98,6 +98,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     ("verify.attackers=[\"transformer\"]", r"verify\.attackers\[\] = 'transformer' is not valid"),
     ("train.iters", r"expected section\.key=value"),
     ("verify.channels_last=\"yes\"", r"verify\.channels_last must be of type bool"),
+    ("train.private_ensemble=0", r"train\.private_ensemble must be >= 1 \(private classifiers per private task"),
+    ("train.adversary_reset_every=-1", r"train\.adversary_reset_every must be >= 0 \(encoder steps .*0 = never\)"),
 ])
 def test_invalid_values_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -122,10 +124,12 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_config_file_round_trips_through_toml(tmp_path):
-    config = load_config("places-mini", ["train.iters=3"])
+    config = load_config("places-mini", ["train.iters=3", "train.private_ensemble=3",
+                                         "train.adversary_reset_every=50"])
     write_config(config, tmp_path / "run")
     again = load_config(str(tmp_path / "run" / "config.toml"))
     assert again == config
+    assert (again.train.private_ensemble, again.train.adversary_reset_every) == (3, 50)
     assert (tmp_path / "run" / "meta.json").exists()
 
 

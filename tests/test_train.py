@@ -172,3 +172,206 @@ def test_within_training_validation_batches_are_a_fixed_random_sample_of_the_spl
     assert bool(((drawn[:, 0] == 0) & (drawn[:, 1] == 0)).any())  # and images of neither task
     assert torch.equal(drawn, sample(0))
     assert not torch.equal(drawn, sample(1))
+
+
+# --------------------------------------------------------------------------- private ensembles and resets
+
+
+def _ensemble(config, members, device="cpu"):
+    """Players with one private task played by ``members`` classifiers and a desirable one."""
+    torch.manual_seed(0)
+    encoder = Encoder(config.encoder, config.data.image_size).to(device)
+    c, h, _ = encoder.output_shape
+    private = nn.ModuleList(Classifier(config.classifier, c, 2, h).to(device) for _ in range(members))
+    return Players(encoder, private, Classifier(config.classifier, c, 2, h).to(device), private_ensemble=members)
+
+
+def _batch(device="cpu", seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(8, 3, 16, 16, generator=generator).to(device)
+    return images, torch.randint(0, 2, (8, 1), generator=generator).to(device)
+
+
+def _encoder_gradient(players, images, labels, loss):
+    opt = torch.optim.SGD(players.encoder.parameters(), lr=0.0)  # keeps the gradient, moves nothing
+    stats = encoder_step(players, opt, images, labels, labels[:, 0], loss, alpha=0.0625)
+    return torch.cat([p.grad.flatten() for p in players.encoder.parameters()]), stats
+
+
+def test_players_lay_out_ensembles_task_by_task(tiny_config):
+    players = _ensemble(tiny_config, 3)
+    two_tasks = Players(players.encoder, nn.ModuleList([*players.private_classifiers, *players.private_classifiers]),
+                        None, private_ensemble=3)
+    assert two_tasks.n_private == 2
+    assert two_tasks.members(1) == list(players.private_classifiers)  # indices 3, 4, 5 = task 1's members 0, 1, 2
+    with pytest.raises(ValueError, match="do not make ensembles of 2"):
+        Players(players.encoder, players.private_classifiers, None, private_ensemble=2)
+
+
+@pytest.mark.parametrize("loss", ["label_flip", "standard_gan"])
+def test_encoder_loss_depends_on_every_ensemble_member(tiny_config, loss, device):
+    players = _ensemble(tiny_config, 3, device)
+    images, labels = _batch(device)
+    gradient, _ = _encoder_gradient(players, images, labels, loss)
+    for m in range(3):
+        member = players.private_classifiers[m]
+        before = _params(member)
+        with torch.no_grad():
+            member.head[-1].weight.mul_(-2.0)  # change this member only
+        changed, _ = _encoder_gradient(players, images, labels, loss)
+        assert not torch.allclose(changed, gradient), f"member {m} does not reach the encoder's gradient"
+        member.load_state_dict({**member.state_dict(), **before})
+    restored, _ = _encoder_gradient(players, images, labels, loss)
+    assert torch.allclose(restored, gradient)
+
+
+def test_ensemble_private_term_is_the_members_mean(tiny_config):
+    from privenc import losses
+
+    players = _ensemble(tiny_config, 3)
+    images, labels = _batch()
+    for m in players.classifiers():
+        m.eval()  # fixed statistics, so the hand computation sees the same logits as the step
+    players.encoder.eval()
+    with torch.no_grad():
+        encodings = players.encoder(images)
+        by_hand = sum(losses.label_flip(c(encodings)) for c in players.private_classifiers) / 3
+        utility = losses.classifier_loss(players.desirable_classifier(encodings), labels[:, 0])
+    _, stats = _encoder_gradient(players, images, labels, "label_flip")
+    assert torch.allclose(stats["encoder_private0_loss"], by_hand)
+    assert torch.allclose(stats["encoder_loss"], by_hand + 0.0625 * utility)
+
+
+def test_classifier_step_trains_each_member_as_if_alone_and_logs_best_and_mean(tiny_config):
+    import copy
+
+    players = _ensemble(tiny_config, 3)
+    solo = Players(players.encoder, nn.ModuleList([copy.deepcopy(players.private_classifiers[1])]))
+    images, labels = _batch()
+    with torch.no_grad():  # the step's accuracies are those of the logits before its update
+        encodings = players.encoder(images)
+        accuracies = [float((c(encodings).argmax(1) == labels[:, 0]).float().mean())
+                      for c in players.private_classifiers]
+    players = _ensemble(tiny_config, 3)  # the same weights again: the forward above moved BN statistics
+    before = [_params(c) for c in players.private_classifiers]
+    stats = classifier_step(players, torch.optim.Adam(players.classifier_parameters(), lr=1e-2), images, labels,
+                            labels[:, 0])
+    classifier_step(solo, torch.optim.Adam(solo.classifier_parameters(), lr=1e-2), images, labels, None)
+    assert all(_changed(b, c) for b, c in zip(before, players.private_classifiers))
+    for key, value in solo.private_classifiers[0].state_dict().items():
+        assert torch.equal(players.private_classifiers[1].state_dict()[key], value), key
+    assert float(stats["private0_train_acc"]) == pytest.approx(max(accuracies))
+    assert float(stats["private0_mean_train_acc"]) == pytest.approx(sum(accuracies) / 3)
+
+
+def test_one_member_and_no_reset_take_the_single_classifier_steps_exactly(tiny_config):
+    """train.private_ensemble = 1 is the single classifier of before, to the bit: the steps are
+    checked against a hand-written single-classifier step (the loop's numbers before and after
+    are compared in the commit that added ensembles)."""
+    import torch.nn.functional as F
+
+    from privenc import losses
+
+    players, reference = _players(tiny_config), _players(tiny_config)
+    c_opt, r_c_opt = (torch.optim.Adam(p.classifier_parameters(), lr=1e-2) for p in (players, reference))
+    e_opt, r_e_opt = (torch.optim.Adam(p.encoder.parameters(), lr=1e-2) for p in (players, reference))
+    images, labels = _batch()
+    classifier_step(players, c_opt, images, labels, labels[:, 0])
+    encoder_step(players, e_opt, images, labels, labels[:, 0], "label_flip", alpha=0.0625)
+
+    # (1) the reference classifier step, then (2) its encoder step
+    with torch.no_grad():
+        encodings = reference.encoder(images)
+    r_c_opt.zero_grad()
+    total = torch.zeros(()) + F.cross_entropy(reference.private_classifiers[0](encodings), labels[:, 0])
+    (total + F.cross_entropy(reference.desirable_classifier(encodings), labels[:, 0])).backward()
+    r_c_opt.step()
+    for p in reference.classifier_parameters():
+        p.requires_grad_(False)
+    r_e_opt.zero_grad()
+    encodings = reference.encoder(images)
+    total = torch.zeros(()) + losses.label_flip(reference.private_classifiers[0](encodings))
+    (total + 0.0625 * F.cross_entropy(reference.desirable_classifier(encodings), labels[:, 0])).backward()
+    r_e_opt.step()
+    for ours, theirs in zip(players.classifiers() + [players.encoder], reference.classifiers() + [reference.encoder]):
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_resets_rotate_over_members_every_n_encoder_steps():
+    from privenc.training import member_to_reset
+
+    config = load_config("demo", ["train.warmup_iters=3", "train.adversary_reset_every=2",
+                                  "train.private_ensemble=3"])
+    # before the iteration that starts after `step` steps: after encoder steps 2, 4, 6, 8, ...
+    chosen = {step: member_to_reset(config, step) for step in range(14)}
+    assert {s: m for s, m in chosen.items() if m is not None} == {5: 0, 7: 1, 9: 2, 11: 0, 13: 1}
+    off = load_config("demo", ["train.warmup_iters=3", "train.private_ensemble=3"])
+    assert all(member_to_reset(off, step) is None for step in range(14))
+
+
+def test_reinitialize_draws_a_new_classifier_and_clears_its_adam_state(tiny_config, device):
+    from privenc.training import reinitialize
+
+    players = _ensemble(tiny_config, 2, device)
+    opt = torch.optim.Adam(players.classifier_parameters(), lr=1e-2)
+    images, labels = _batch(device)
+    for _ in range(3):
+        classifier_step(players, opt, images, labels, labels[:, 0])
+    kept, reset = players.private_classifiers
+    kept_before, trained = _params(kept), _params(reset)
+    rng = torch.get_rng_state()
+    reinitialize(reset, opt, seed=123)
+    assert torch.equal(torch.get_rng_state(), rng), "a reset must not move the global random stream"
+    torch.manual_seed(123)  # fresh = exactly the classifier a new construction with that seed draws
+    c, h, _ = players.encoder.output_shape
+    new = Classifier(tiny_config.classifier, c, 2, h)
+    for key, value in new.state_dict().items():
+        assert torch.equal(reset.state_dict()[key].cpu(), value), key
+    assert _changed(trained, reset) and not _changed(kept_before, kept)
+    assert all(p not in opt.state for p in reset.parameters())
+    assert all(int(opt.state[p]["step"]) == 3 for p in kept.parameters())
+    classifier_step(players, opt, images, labels, labels[:, 0])  # Adam starts the reset member again
+    assert all(int(opt.state[p]["step"]) == 1 for p in reset.parameters())
+    assert all(int(opt.state[p]["step"]) == 4 for p in kept.parameters())
+
+
+@pytest.mark.slow
+def test_resume_across_a_reset_is_exact(tiny_config, tmp_path, monkeypatch):
+    """The exact-resume test with two members and a reset every 2 encoder steps: the resets
+    before steps 5 and 7 fall on either side of the stop at step 6. The run logs the best and
+    the mean member's accuracies and saves both members."""
+    from dataclasses import replace
+
+    import privenc.training as train_module
+
+    resets = []
+    real = train_module.reinitialize
+
+    def counting(module, optimizer, seed):
+        resets.append(seed)
+        real(module, optimizer, seed)
+
+    monkeypatch.setattr(train_module, "reinitialize", counting)
+    config = replace(tiny_config, train=replace(tiny_config.train, private_ensemble=2, adversary_reset_every=2))
+    train(config, tmp_path / "straight", progress=False)
+    assert len(resets) == 2
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["val_private0_acc"] >= record["val_private0_mean_acc"]
+        assert record["private0_train_acc"] >= record["private0_mean_train_acc"]
+    stopped = replace(config, train=replace(config.train, iters=3))  # 3 warm-up + 3 = 6 steps
+    train(stopped, tmp_path / "resumed", progress=False)
+    (tmp_path / "resumed" / "config.toml").write_text(config.to_toml())
+    train(config, tmp_path / "resumed", resume=True, progress=False)
+    assert len(resets) == 4 and resets[2:] == resets[:2]
+    a = ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 9
+    assert {key.split(".")[0] for key in a["private_classifiers"]} == {"0", "1"}
+    for part in ("encoder", "private_classifiers", "desirable_classifier"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    for index, state in a["classifier_optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["classifier_optimizer"]["state"][index][key]), f"optimizer {index}.{key}"

@@ -24,14 +24,32 @@ ACCURACY_SUFFIX = "_train_acc"
 class Players:
     """The encoder and the classifiers it plays against.
 
-    ``private_classifiers`` holds one classifier per private task; ``desirable_classifier`` is
-    one (N+1)-way classifier for N desirable tasks, or None (utility then comes only from the
-    variance constraint built into the encoder's output normalization).
+    ``private_classifiers`` is a flat ModuleList of ``n_private * private_ensemble`` classifiers:
+    the members of private task ``k`` are at indices ``k * private_ensemble + m`` for
+    ``m = 0 .. private_ensemble - 1`` (``train.private_ensemble``; with the default 1 it is one
+    classifier per task, index k, as checkpoints of every earlier version hold them).
+    ``desirable_classifier`` is one (N+1)-way classifier for N desirable tasks, or None (utility
+    then comes only from the variance constraint built into the encoder's output normalization).
     """
 
     encoder: nn.Module
     private_classifiers: nn.ModuleList
     desirable_classifier: nn.Module | None = None
+    private_ensemble: int = 1
+
+    def __post_init__(self) -> None:
+        if self.private_ensemble < 1 or len(self.private_classifiers) % self.private_ensemble:
+            raise ValueError(f"{len(self.private_classifiers)} private classifiers do not make ensembles of "
+                             f"{self.private_ensemble}")
+
+    @property
+    def n_private(self) -> int:
+        return len(self.private_classifiers) // self.private_ensemble
+
+    def members(self, task: int) -> list[nn.Module]:
+        """The ensemble of private task ``task`` (a list of one without an ensemble)."""
+        k = self.private_ensemble
+        return list(self.private_classifiers[task * k:(task + 1) * k])
 
     def classifiers(self) -> list[nn.Module]:
         found = list(self.private_classifiers)
@@ -62,6 +80,14 @@ def classifier_step(
     ``private_labels`` is (B, P), one column per private task; ``desirable_labels`` is (B,) for
     the (N+1)-way desirable classifier. The encoder is fixed here: encodings are computed
     without gradient, so nothing flows back into it.
+
+    Every member of a private ensemble trains on the same batch: one encoder pass serves all,
+    and the members differ by their initialization (and their resets), as Wu et al.'s budget
+    models do. The loss is the sum over members, so each member's gradient is exactly the one
+    it would get alone. Per task the logged loss is the members' mean, the accuracy the best
+    member's (``private{k}_train_acc``, so that a freshly reset member does not make the
+    adversary look weaker than its best part); with an ensemble, ``private{k}_mean_train_acc``
+    adds the members' mean.
     """
     with torch.no_grad(), _autocast(images.device, amp):
         encodings = players.encoder(images)
@@ -70,12 +96,15 @@ def classifier_step(
     stats: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=images.device)
     with _autocast(images.device, amp):
-        for k, classifier in enumerate(players.private_classifiers):
-            logits = classifier(encodings).float()
-            loss = losses.classifier_loss(logits, private_labels[:, k])
-            total = total + loss
-            stats[f"private{k}_loss"] = loss.detach()
-            stats[f"private{k}{ACCURACY_SUFFIX}"] = _accuracy(logits, private_labels[:, k])
+        for k in range(players.n_private):
+            member_losses, member_accuracies = [], []
+            for classifier in players.members(k):
+                logits = classifier(encodings).float()
+                member_losses.append(losses.classifier_loss(logits, private_labels[:, k]))
+                member_accuracies.append(_accuracy(logits, private_labels[:, k]))
+                total = total + member_losses[-1]
+            stats[f"private{k}_loss"] = torch.stack(member_losses).detach().mean()
+            stats.update(_member_accuracies(f"private{k}", member_accuracies))
         if players.desirable_classifier is not None:
             logits = players.desirable_classifier(encodings).float()
             loss = losses.classifier_loss(logits, desirable_labels)
@@ -86,6 +115,15 @@ def classifier_step(
     optimizer.step()
     stats["classifier_loss"] = total.detach()
     return stats
+
+
+def _member_accuracies(prefix: str, accuracies: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The best member's accuracy under the name a single classifier's has; with more than one
+    member, their mean beside it. NaN (no known label) stays NaN in both."""
+    if len(accuracies) == 1:
+        return {f"{prefix}{ACCURACY_SUFFIX}": accuracies[0]}
+    stacked = torch.stack(accuracies)
+    return {f"{prefix}{ACCURACY_SUFFIX}": stacked.max(), f"{prefix}_mean{ACCURACY_SUFFIX}": stacked.mean()}
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,6 +148,13 @@ def encoder_step(
 
     The classifiers are fixed: their parameters get no gradient (requires_grad is switched
     off for the step) and only the encoder's optimizer steps.
+
+    Against an ensemble of K private classifiers the private term is the mean over members of
+    the loss against each: the expected loss against an attacker drawn from the ensemble, and a
+    gradient from every member. Wu et al. (ECCV 2018) instead suppress only the currently
+    strongest budget model (a max over members); that hands the encoder one member's gradient
+    at a time and switches abruptly between members, while the mean already leans toward the
+    strongest: a member's label-flip (or standard-GAN) loss grows with its confidence.
     """
     classifier_params = players.classifier_parameters()
     for p in classifier_params:
@@ -120,11 +165,13 @@ def encoder_step(
         with _autocast(images.device, amp):
             encodings = players.encoder(images).float()
             total = torch.zeros((), device=images.device)
-            for k, classifier in enumerate(players.private_classifiers):
-                logits = classifier(encodings).float()
-                # The label flip target is the opposite of what the classifier predicts now,
-                # not of the true label: it drives the classifier to low confidence.
-                loss = losses.encoder_private_loss(encoder_loss, logits, private_labels[:, k])
+            for k in range(players.n_private):
+                # The label flip target is the opposite of what each classifier predicts now,
+                # not of the true label: it drives the classifiers to low confidence.
+                loss = torch.stack([
+                    losses.encoder_private_loss(encoder_loss, classifier(encodings).float(), private_labels[:, k])
+                    for classifier in players.members(k)
+                ]).mean()  # of one member: that member's loss, to the bit
                 total = total + loss
                 stats[f"encoder_private{k}_loss"] = loss.detach()
             if players.desirable_classifier is not None:
@@ -159,7 +206,9 @@ def evaluate(
     Accuracies are balanced (the mean of the per-class recalls): the training images are the
     union of every task's images, so a private category is a minority there and plain accuracy
     would credit a classifier that always answers "no"; balanced, chance is 1/K as in the
-    verification protocol's balanced test sets.
+    verification protocol's balanced test sets. A private ensemble reports its best member
+    as ``val_private{k}_acc`` (what the encoder has not yet defeated) and the members' mean as
+    ``val_private{k}_mean_acc``.
 
     Everything runs in eval mode (running statistics), as the fixed encoder would be used.
     Collapse diagnostics (Sec. 4.2): the variance over images of each pre-tanh output element;
@@ -179,14 +228,20 @@ def evaluate(
             encodings = players.encoder(images).float()
             outputs.append(encodings.cpu())
             private_truth.append(private_labels.cpu())
-            for k, classifier in enumerate(players.private_classifiers):
-                private_hits[k].append(classifier(encodings).argmax(1).cpu())
+            for i, classifier in enumerate(players.private_classifiers):
+                private_hits[i].append(classifier(encodings).argmax(1).cpu())
             if players.desirable_classifier is not None:
                 desirable_hits.append(players.desirable_classifier(encodings).argmax(1).cpu())
                 desirable_truth.append(desirable_labels.cpu())
         truth = torch.cat(private_truth)
-        result = {f"val_private{k}_acc": balanced_accuracy(torch.cat(hits), truth[:, k])
-                  for k, hits in enumerate(private_hits)}
+        result: dict[str, float] = {}
+        for k in range(players.n_private):
+            # as in training: the best member under the single classifier's name, then the mean
+            members = range(k * players.private_ensemble, (k + 1) * players.private_ensemble)
+            accuracies = [balanced_accuracy(torch.cat(private_hits[i]), truth[:, k]) for i in members]
+            result[f"val_private{k}_acc"] = max(accuracies)
+            if len(accuracies) > 1:
+                result[f"val_private{k}_mean_acc"] = sum(accuracies) / len(accuracies)
         if players.desirable_classifier is not None:
             result["val_desirable_acc"] = balanced_accuracy(torch.cat(desirable_hits), torch.cat(desirable_truth))
         result.update(output_variance(torch.cat(outputs)))

@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an encoder adversarially (writes a run folder)",
                        description="Train an encoder against private-task classifiers with the label-flip "
                                    "loss (or train.encoder_loss = standard_gan | negative_ce), keeping utility "
-                                   "by the variance constraint or desirable tasks.")
+                                   "by the variance constraint or desirable tasks. Options against retrained "
+                                   "attackers: --set train.private_ensemble=K (K private classifiers per private "
+                                   "task, defeated together; default 1), train.adversary_reset_every=N (every N "
+                                   "encoder steps one of them restarts from fresh weights; default 0 = never), "
+                                   "train.classifier_steps=S (classifier updates per encoder update; default 1, "
+                                   "the demo preset's 4).")
     _add_config_args(p, default=None, default_help="demo; with --resume, the run's own config.toml")
     p.add_argument("--out", metavar="RUN", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")

@@ -121,9 +121,10 @@ def data_parallel(players: Players, world: World, device: torch.device) -> tuple
         players.encoder,
         nn.ModuleList(wrap(c) for c in players.private_classifiers),
         wrap(players.desirable_classifier) if players.desirable_classifier is not None else None,
+        players.private_ensemble,
     )
     # Per-location statistics are already global (all-reduced), so the encoder's running
     # buffers agree on every rank without a broadcast.
     encoder_side = Players(wrap(players.encoder, broadcast_buffers=False), players.private_classifiers,
-                           players.desirable_classifier)
+                           players.desirable_classifier, players.private_ensemble)
     return classifier_side, encoder_side

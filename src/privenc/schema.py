@@ -128,6 +128,16 @@ class TrainConfig:
     classifier_steps: int = 1
     """Classifier updates per encoder update in the adversarial phase (the paper alternates one
     and one); more keeps the classifiers closer to the best response the encoder must defeat."""
+    private_ensemble: int = 1
+    """Private classifiers per private task (1 = the paper's one). K > 1: K independently
+    initialized classifiers that the encoder must defeat together, its private term being the
+    mean of its loss against each (Wu et al., ECCV 2018, "budget model ensemble"); each logged
+    private accuracy is then the best member's, with the mean beside it."""
+    adversary_reset_every: int = 0
+    """Re-initialize a private classifier every this many encoder steps (0 = never): fresh
+    weights and fresh Adam moments, one ensemble member at a time in rotation, so the encoder
+    always faces trained members too (Wu et al., ECCV 2018, "budget model restarting"). The
+    desirable classifier is never reset."""
     classifier_lr: float = 1e-3
     encoder_lr: float = 1e-3
     encoder_lr_decay: float = 0.5623413251903491
@@ -248,6 +258,12 @@ def validate(config: Config) -> None:
              f"train.batch_size must be >= 2 (per-location statistics need a batch), got {t.batch_size}")
     _require(t.warmup_iters >= 0 and t.iters >= 0, "train.warmup_iters and train.iters must be >= 0")
     _require(t.classifier_steps >= 1, f"train.classifier_steps must be >= 1, got {t.classifier_steps}")
+    _require(t.private_ensemble >= 1,
+             f"train.private_ensemble must be >= 1 (private classifiers per private task; 1 = the paper's one), "
+             f"got {t.private_ensemble}")
+    _require(t.adversary_reset_every >= 0,
+             f"train.adversary_reset_every must be >= 0 (encoder steps between resets of a private classifier; "
+             f"0 = never), got {t.adversary_reset_every}")
     for key in ("classifier_lr", "encoder_lr"):
         _require(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
     _require(0 < t.encoder_lr_decay <= 1, "train.encoder_lr_decay must be in (0, 1]")

@@ -4,6 +4,7 @@ What the run folder holds, and how it is read back, is :mod:`privenc.runs`."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -49,16 +50,21 @@ def desirable_target(columns: torch.Tensor) -> torch.Tensor:
 
 
 def build_players(config: Config, data: TaskData, n_private: int) -> Players:
+    """The encoder, ``train.private_ensemble`` private classifiers per private task (each drawn
+    from the global RNG in turn, so independently initialized; the layout is Players'), and the
+    desirable classifier."""
     encoder = Encoder(config.encoder, config.data.image_size)
     channels, height, _ = encoder.output_shape
+    ensemble = config.train.private_ensemble
     private = nn.ModuleList(
-        Classifier(config.classifier, channels, task.num_classes, height) for task in data.tasks[:n_private]
+        Classifier(config.classifier, channels, task.num_classes, height)
+        for task in data.tasks[:n_private] for _ in range(ensemble)
     )
     desirable = None
     if len(data.tasks) > n_private:
         combined = combine_tasks(data.tasks[n_private:])
         desirable = Classifier(config.classifier, channels, combined.num_classes, height)
-    return Players(encoder, private, desirable)
+    return Players(encoder, private, desirable, ensemble)
 
 
 def encoder_lr(config: Config, step: int) -> float:
@@ -67,6 +73,48 @@ def encoder_lr(config: Config, step: int) -> float:
     t = config.train
     adversarial = max(0, step - t.warmup_iters)
     return t.encoder_lr * t.encoder_lr_decay ** (adversarial // t.encoder_lr_decay_every)
+
+
+def member_to_reset(config: Config, step: int) -> int | None:
+    """Which ensemble member is re-initialized before the iteration that starts after ``step``
+    total steps, or None. With ``train.adversary_reset_every = N``, after every N encoder steps
+    (N, 2N, ...) the next member in rotation: 0, 1, ..., K - 1, 0, ... in every private task.
+
+    One member at a time, not all: the encoder then always faces K - 1 trained members (with
+    K = 1 the one classifier is reset), rather than getting free steps against chance-level
+    classifiers after each reset. A reset falls before the classifier step, so the fresh member
+    gets its classifier_steps updates before the encoder plays against it.
+    """
+    t = config.train
+    encoder_steps = step - t.warmup_iters
+    if t.adversary_reset_every == 0 or encoder_steps <= 0 or encoder_steps % t.adversary_reset_every:
+        return None
+    return (encoder_steps // t.adversary_reset_every - 1) % t.private_ensemble
+
+
+def reinitialize(module: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    """Fresh weights for ``module`` and no optimizer state for its parameters (Adam starts again
+    from step 0 with zero moments, as for a new classifier).
+
+    The weights are drawn on the CPU by the modules' own initializers (``reset_parameters``, as
+    at construction) from a generator seeded with ``seed`` alone: the same on every device and
+    every rank, repeatable after a resume, and no other random stream moves. They are copied
+    into the existing parameters, so the optimizer and any data-parallel wrapper keep them.
+    """
+    fresh = copy.deepcopy(module).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for layer in fresh.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    module.load_state_dict(fresh.state_dict())
+    for p in module.parameters():
+        optimizer.state.pop(p, None)
+
+
+def _reset_seed(config: Config, step: int, index: int) -> int:
+    """The seed of a reset: from the run's seed, the step and the classifier's index."""
+    return int(np.random.SeedSequence([config.train.seed, step, index]).generate_state(1)[0])
 
 
 @dataclass
@@ -199,6 +247,15 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
     started = time.time()
     while state.step < total:
         adversarial = state.step >= t.warmup_iters
+
+        # (0) adversary reset (train.adversary_reset_every): one ensemble member per private task
+        # starts again from fresh weights and fresh Adam moments
+        member = member_to_reset(config, state.step)
+        if member is not None:
+            for k in range(n_private):
+                index = k * t.private_ensemble + member
+                reinitialize(players.private_classifiers[index], state.classifier_opt,
+                             _reset_seed(config, state.step, index))
 
         # (1) classifiers: cross-entropy on true labels, encoder fixed; classifier_steps batches
         # of their own before each encoder step (one a step during warm-up, which trains only them)
