@@ -171,6 +171,9 @@ def test_bad_input_is_named(images, eraser, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     runs.write_config(config, run)
+    with pytest.raises(ConfigError, match=r"holds a config\.toml but no encoder\.pt \(a training run, or an erase"):
+        leace.erase(config, PRIVATE, run, progress=False)
+    (run / runs.ENCODER_FILE).write_bytes(b"")
     with pytest.raises(ConfigError, match="is a training run folder"):
         leace.erase(config, PRIVATE, run, progress=False)
     (tmp_path / "other").mkdir()

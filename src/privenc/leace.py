@@ -211,8 +211,11 @@ def check_new_folder(folder: Path) -> None:
     if runs.is_finished(folder) and _kind_of(folder / runs.ENCODER_FILE) == KIND:
         raise ConfigError(f"erase: {folder} already holds a LEACE eraser; give another --out, or delete the folder "
                           f"to fit it again")
-    if runs.is_run(folder):
+    if runs.is_finished(folder):
         raise ConfigError(f"erase: {folder} is a training run folder; give a new or empty --out")
+    if runs.is_run(folder):
+        raise ConfigError(f"erase: {folder} holds a {runs.CONFIG_FILE} but no {runs.ENCODER_FILE} (a training run, or "
+                          f"an erase that stopped before writing its eraser); give a new --out, or delete the folder")
     entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
     if entries:
         raise ConfigError(f"erase: {folder} is not empty (it holds {entries[0]!r}); give a new or empty --out")
