@@ -24,6 +24,7 @@ _API = {
     "load_config": "privenc.config",
     "train": "privenc.training",
     "verify": "privenc.verification",
+    "erase": "privenc.leace",
     "load_encoder": "privenc.runs",
     "read_encoder": "privenc.runs",
     "build_report": "privenc.report",

@@ -69,6 +69,7 @@ from privenc.distributed import resolve_device
 from privenc.encoders import (
     LoadedEncoder,
     assert_unchanged,
+    attacker_lr,
     check_tasks,
     freeze,
     learned_encoder_path,
@@ -118,7 +119,7 @@ def attack_protocol(settings: VerifyConfig, lr: float, k: int) -> tuple[VerifyCo
 
 def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
     """The attackers of round ``k`` (see the module docstring); ``lr`` is the encoder's own
-    attacker learning rate (``verify.lr``, or ``verify.lr_raw`` for Identity)."""
+    attacker learning rate (``verify.lr``, or ``verify.lr_raw`` on raw pixels: :func:`attacker_lr`)."""
     if k == 0:
         return [Trial(0, family, lr, seed, settings.patience, settings.views, settings.max_iters)
                 for family in settings.attackers for seed in settings.seeds]
@@ -232,8 +233,8 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     check_tasks(encoder.config.data, tasks)  # a typo must not wait for the first task's search
     ensure_writable(out_dir)
     settings = encoder.config.verify
-    lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
-    roles = roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {}
+    lr = attacker_lr(encoder)
+    roles = roles_from_run(encoder.config, tasks) if encoder.kind in ("learned", "leace") else {}
     config_dict = encoder.config.to_dict()
     _check_plan(out_dir, {"encoder": encoder.name, "encoder_sha256": _encoder_digest(encoder_spec, encoder),
                           "config": config_dict})
@@ -289,7 +290,8 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         _CACHE.clear()  # the encodings of an in-process search are not needed after it
-    result = {"encoder": encoder.name, "encoder_kind": encoder.kind, "tasks": tasks, "attacks": chosen,
+    result = {"encoder": encoder.name, "encoder_kind": encoder.kind,
+              **({"encoder_label": encoder.label} if encoder.label else {}), "tasks": tasks, "attacks": chosen,
               "attack_summaries": summaries(chosen), "margin_points": margin,
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
               "seconds": round(time.time() - started, 1), "verdicts": verdicts,
@@ -326,8 +328,9 @@ def _run_round(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
 
 
 def _encoder_digest(spec: str, encoder: LoadedEncoder) -> str | None:
-    """The learned encoder's file hash: a rerun after retraining the run must not reuse trials."""
-    if encoder.kind != "learned":
+    """The learned encoder's (or LEACE eraser's) file hash: a rerun after retraining the run, or
+    refitting the eraser, must not reuse trials."""
+    if encoder.kind not in ("learned", "leace"):
         return None
     path = learned_encoder_path(spec)
     return hashlib.sha256((path / ENCODER_FILE if path.is_dir() else path).read_bytes()).hexdigest()

@@ -14,6 +14,7 @@ from privenc.commands import (
     cmd_data_inspect,
     cmd_demo,
     cmd_encode,
+    cmd_erase,
     cmd_export,
     cmd_grid,
     cmd_report,
@@ -89,12 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q, default=None, default_help="the defaults in code: the synthetic scenes, no task")
     q.set_defaults(func=cmd_data_inspect)
 
+    p = sub.add_parser("erase", help="fit a LEACE linear eraser for one private task (a reference encoder)",
+                       description="Fit LEACE (closed-form linear concept erasure, Belrose et al. 2023) on the "
+                                   "training split for one private task: afterwards every class of the task has "
+                                   "the same mean image, so no linear classifier beats chance on it. Written as a "
+                                   "folder like a run (config.toml with the task as train.private, the split, "
+                                   "encoder.pt) that verify, grid, audit and report take beside identity and blur. "
+                                   "Images up to 64 px are erased at full resolution; larger ones "
+                                   "are first downsampled (area average) to the learned encoder's output size, "
+                                   "the size Naive Blur has.")
+    p.add_argument("--task", help="the private task to erase (default: the config's train.private, when it names "
+                                  "exactly one)")
+    p.add_argument("--out", required=True, help="new or empty folder for the eraser")
+    p.add_argument("--size", type=_positive, metavar="N",
+                   # 64: privenc.leace.MAX_FULL_SIZE (not imported here: it would load torch for --help)
+                   help="erase on the image downsampled (area average) to NxN (default: full size up to 64 px, "
+                        "else the learned encoder's output size; at most 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_erase)
+
     p = sub.add_parser("verify", help="verify an encoder: fresh attackers trained to saturation",
                        description="Train fresh attackers from scratch on a fixed encoder's outputs until "
                                    "validation accuracy saturates, drop the LR 10x once, saturate again, and "
                                    "report validation and test accuracy (Sec. 4.1 of the paper).")
-    p.add_argument("encoder", help="a training run folder or its encoder.pt, a .safetensors or .torchscript.pt "
-                                   "export (on the --config data), 'identity' (raw images) or 'blur' (Naive Blur)")
+    p.add_argument("encoder", help="a training run folder or its encoder.pt, a LEACE folder (privenc erase), a "
+                                   ".safetensors or .torchscript.pt export (on the --config data), 'identity' "
+                                   "(raw images) or 'blur' (Naive Blur)")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
@@ -107,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grid", help="verify encoders x tasks (the shape of Table 2), resumable",
                        description="Verify every encoder on every task; finished cells are skipped on a rerun.")
-    p.add_argument("--encoders", nargs="+", required=True, help="run folders or their encoder.pt, .safetensors or "
-                   ".torchscript.pt exports, 'identity', 'blur'")
+    p.add_argument("--encoders", nargs="+", required=True,
+                   help="run folders or their encoder.pt, LEACE folders (privenc erase), .safetensors or "
+                        ".torchscript.pt exports, 'identity', 'blur'")
     p.add_argument("--tasks", nargs="+", default=[],
                    help="tasks (category names or attribute:<column>; default: verify.tasks)")
     p.add_argument("--out", required=True, help="grid folder")
@@ -130,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the majority rate and bits. Resumable: finished attackers are kept in "
                                    "OUT/trials and a rerun (also with a larger budget) reuses them. Exit status "
                                    "1 when --fail-above is exceeded, 2 on an error.")
-    p.add_argument("encoder", help="a training run folder or its encoder.pt (every attack), a .safetensors or "
-                                   ".torchscript.pt export with --config for its data (all but adaptive), "
+    p.add_argument("encoder", help="a training run folder or its encoder.pt (every attack), a LEACE folder "
+                                   "(privenc erase; all but adaptive), a .safetensors or .torchscript.pt export "
+                                   "with --config for its data (all but adaptive), "
                                    "'identity' or 'blur'")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to audit (repeatable; default: verify.tasks, else the run's private and desirable "

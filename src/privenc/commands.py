@@ -95,6 +95,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from privenc.errors import ConfigError
+    from privenc.leace import erase
+
+    config = _config_from_args(args)
+    task = args.task
+    if task is None:
+        if len(config.train.private) != 1:
+            raise ConfigError(f"erase: give --task (the config's train.private names {len(config.train.private)} "
+                              f"tasks: {', '.join(config.train.private) or 'none'})")
+        task = config.train.private[0]
+    path = erase(config, task, Path(args.out), size=args.size, device=args.device, progress=not args.no_progress)
+    print(f"eraser: {path}")
+    return 0
+
+
 def _verification_config(args: argparse.Namespace, encoders: list[str]):
     from privenc.encoders import verification_config
 

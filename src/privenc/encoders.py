@@ -1,6 +1,7 @@
 """The encoders that verification, the grid and the audit take: a trained run (its folder or its
-encoder.pt), or a baseline of the paper (Identity: raw images; Naive Blur), each with the data
-config it is verified on; frozen while attackers train on it, and checked afterwards.
+encoder.pt), a baseline of the paper (Identity: raw images; Naive Blur) or a LEACE eraser's
+folder (:mod:`privenc.leace`, kept like a run), each with the data config it is verified on;
+frozen while attackers train on it, and checked afterwards.
 """
 
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from privenc import runs
+from privenc import leace, runs
 from privenc.config import Config, DataConfig, config_diff, demo_config, load_config
 from privenc.data import open_source, parse_task
 from privenc.data.tasks import attribute_tasks
@@ -34,11 +35,12 @@ BASELINES = ("identity", "blur")
 @dataclass
 class LoadedEncoder:
     name: str
-    kind: str               # learned | identity | blur
+    kind: str               # learned | identity | blur | leace
     module: nn.Module
     config: Config          # the config that defines its data (a run's own, for learned encoders)
     run_dir: Path | None    # training run folder (its splits are reused)
     exported: str | None = None  # the format of an exported file (``privenc export``): torchscript | safetensors
+    label: str | None = None  # how tables name an encoder that has no training run (LEACE)
 
 
 EXPORTED = {".safetensors": "safetensors", ".torchscript.pt": "torchscript"}
@@ -51,13 +53,24 @@ def exported_format(path: Path) -> str | None:
     return next((fmt for suffix, fmt in EXPORTED.items() if Path(path).name.endswith(suffix)), None)
 
 
+def attacker_lr(encoder: LoadedEncoder) -> float:
+    """The attackers' Adam LR: ``verify.lr_raw`` on raw images, ``verify.lr`` on encodings.
+    A LEACE eraser's output is the image (or its Blur-sized downsample) minus a rank-(K-1)
+    correction, with the pixels' scale and statistics: its attackers get the rate of the
+    baseline it modifies, Identity's at full resolution and Blur's (``verify.lr``) when
+    downsampled."""
+    raw = encoder.kind == "identity" or (encoder.kind == "leace"
+                                         and encoder.module.size == encoder.module.image_size)
+    return encoder.config.verify.lr_raw if raw else encoder.config.verify.lr
+
+
 def learned_encoder_path(spec: str) -> Path:
     """The path of a learned encoder given to ``verify``, ``grid`` or ``audit`` (a training run
     folder, its ``encoder.pt``, an encoder file, or a ``.safetensors`` / ``.torchscript.pt``
     export); anything else is a ConfigError that says what was expected."""
     path = Path(spec)
-    expected = ("give a training run folder, its encoder.pt, a .safetensors or .torchscript.pt export, 'identity' "
-                "or 'blur'")
+    expected = ("give a training run folder, its encoder.pt, a .safetensors or .torchscript.pt export, a LEACE "
+                "folder (privenc erase), 'identity' or 'blur'")
     if not path.exists():
         raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
     if path.is_dir() and not runs.is_finished(path):
@@ -98,19 +111,21 @@ def check_tasks(data: DataConfig, tasks: list[str]) -> None:
 
 
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
-    """``identity``, ``blur``, a training run folder or its encoder.pt, an encoder file, or an
-    exported ``.safetensors`` / ``.torchscript.pt``. A learned encoder in a run folder brings its
-    own data config (input size, split) and reuses the run's splits; an encoder file alone is
-    verified on ``config``'s data, which must have its input size, and an exported file likewise
-    (also its load size, as its input contract says). Verification settings are always
-    ``config``'s."""
+    """``identity``, ``blur``, a training run folder or its encoder.pt, a LEACE folder (or its
+    encoder.pt), an encoder file, or an exported ``.safetensors`` / ``.torchscript.pt``. An encoder
+    in a folder brings its own data config (input size, split) and reuses the folder's splits;
+    an encoder file alone is verified on ``config``'s data, which must have its input size, and
+    an exported file likewise (also its load size, as its input contract says). Verification
+    settings are always ``config``'s."""
     if spec in BASELINES:
         module = build_encoder(spec, config.encoder, config.data.image_size)
         return LoadedEncoder(spec, spec, module.to(device).eval(), config, None)
     path = learned_encoder_path(spec)
     if exported_format(path) is not None:
         return _load_exported(spec, path, config, device)
-    module = runs.load_encoder(path, device)
+    file = path / runs.ENCODER_FILE if path.is_dir() else path
+    kind = "leace" if runs.encoder_kind(file) == leace.KIND else "learned"
+    module = leace.read_eraser(file, device) if kind == "leace" else runs.load_encoder(file, device)
     run_dir = run_folder_of(spec)
     run_config = runs.read_config(run_dir) if run_dir is not None else copy.deepcopy(config)
     run_config.verify = config.verify
@@ -119,7 +134,11 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
                  else f"the data config gives {run_config.data.image_size} (data.image_size; an encoder file "
                       f"alone is verified on the --config data: give its run folder, or set data.image_size)")
         raise ConfigError(f"encoder {spec!r} takes {module.image_size}x{module.image_size} images, but {where}")
-    return LoadedEncoder(encoder_name(spec), "learned", module, run_config, run_dir)
+    if kind == "leace":  # the erased task is private also where the file is given alone
+        run_config.train.private = [module.task]
+        run_config.train.desirable = [t for t in run_config.train.desirable if t != module.task]
+    label = leace.label(module.task) if kind == "leace" else None
+    return LoadedEncoder(encoder_name(spec), kind, module, run_config, run_dir, label=label)
 
 
 def _load_exported(spec: str, path: Path, config: Config, device: torch.device) -> LoadedEncoder:
@@ -188,7 +207,8 @@ def verification_config(encoders: list[str], config: str | None, overrides: list
     ignored = [item for item in overrides if item not in verify_sets]
     if run_dirs and ignored:
         baselines = [e for e in encoders if e in BASELINES]
-        log.warning("ignored for the trained encoders, which bring their own data, encoder and classifier config "
+        log.warning("ignored for the trained encoders (and LEACE erasers), which bring their own data, encoder and "
+                    "classifier config "
                     "(%s): %s; only verify.* settings apply to them%s",
                     ", ".join(str(run / runs.CONFIG_FILE) for run in run_dirs), ", ".join(ignored),
                     f" (the baselines {', '.join(baselines)} do use them, so they may see other data)"
@@ -222,7 +242,9 @@ def all_attribute_tasks(encoder: str, config: Config) -> list[str]:
 
 
 def default_tasks(encoder: str, config: Config) -> list[str]:
-    """A run's own private and desirable tasks; for a baseline or an encoder file alone, the config's."""
+    """A run's own private and desirable tasks (a LEACE folder's: the erased task and the
+    desirable ones of the config it was fitted with); for a baseline or an encoder file alone,
+    the config's."""
     run = run_folder_of(encoder)
     source = runs.read_config(run) if run is not None else config
     return [*source.train.private, *source.train.desirable]

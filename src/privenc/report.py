@@ -159,9 +159,14 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
     best = strongest(records)
     tasks = list(dict.fromkeys(r["task"] for r in records))
     encoders = list(dict.fromkeys(r["encoder"] for r in records))
-    order = {"identity": 0, "blur": 1}
-    encoders.sort(key=lambda e: order.get(e, 2))
+    # The references first: the paper's baselines, then closed-form LEACE erasers, then learned encoders.
+    kinds = {r["encoder"]: r.get("encoder_kind") for r in records}
+    order = {"identity": 0, "blur": 1, "leace": 2}
+    encoders.sort(key=lambda e: order.get(kinds[e] or e, 3))
     labels = {run["name"]: encoder_label(run) for run in runs}
+    for r in records:  # an encoder without a training run names itself (a LEACE eraser: what it erases)
+        if r.get("encoder_label"):
+            labels.setdefault(r["encoder"], r["encoder_label"])
     rows = []
     lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for enc in encoders:
@@ -183,7 +188,7 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]]) -> tuple[s
                                   "test_bacc": r.get("test_bacc_best"), "test_bacc_lo": lo, "test_bacc_hi": hi,
                                   "bacc_chance": r.get("bacc_chance")}
         # A run's label says what it hides and keeps; a verify folder given without its run has none.
-        name = f"{enc} ({labels[enc]})" if enc in labels and enc not in order else enc
+        name = f"{enc} ({labels[enc]})" if enc in labels and enc not in ("identity", "blur") else enc
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         rows.append(row)
     lines.append("")

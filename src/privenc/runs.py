@@ -161,6 +161,9 @@ def read_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encod
     if path.is_dir():
         path = path / ENCODER_FILE
     payload = ckpt.load(path, map_location=device)
+    if payload.get("kind") == "leace":
+        raise CheckpointError(f"{path}: a LEACE eraser (privenc erase), not a trained encoder; verify, grid, audit "
+                              f"and report take its folder, encode and export only trained encoders")
     if payload.get("kind") != "learned":
         raise CheckpointError(f"{path}: not an encoder file (kind={payload.get('kind')!r})")
     try:
@@ -179,6 +182,13 @@ def read_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encod
     step = payload.get("step")
     return EncoderFile(encoder.to(device).eval(), path, int(step) if step is not None else None,
                        dict(payload["encoder_config"]), int(payload["image_size"]))
+
+
+def encoder_kind(path: Path) -> str | None:
+    """What an encoder file holds: ``"learned"`` (a trained encoder), ``"leace"`` (an eraser of
+    :mod:`privenc.leace`); a file that is no privenc checkpoint is a CheckpointError."""
+    kind = ckpt.load(path).get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 def load_encoder(run_or_file: Path, device: str | torch.device = "cpu") -> Encoder:

@@ -82,7 +82,8 @@ def verdict_line(v: dict[str, Any], margin: float) -> str:
 
 def audit_markdown(result: dict[str, Any]) -> str:
     margin = result["margin_points"]
-    lines = [f"# privenc audit: {result['encoder']}", "",
+    label = f" ({result['encoder_label']})" if result.get("encoder_label") else ""
+    lines = [f"# privenc audit: {result['encoder']}{label}", "",
              f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
              + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
              + f"; {result['seconds']:.0f} s.", "",

@@ -39,7 +39,7 @@ from privenc.attackers import (
     information_bits,
 )
 from privenc.config import Config
-from privenc.encoders import LoadedEncoder, assert_unchanged, check_tasks, freeze, load_encoder_spec
+from privenc.encoders import LoadedEncoder, assert_unchanged, attacker_lr, check_tasks, freeze, load_encoder_spec
 from privenc.errors import ConfigError
 from privenc.models import build_attacker
 from privenc.norms import output_variance
@@ -66,9 +66,10 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     snapshot = freeze(encoder.module)
     settings = encoder.config.verify
-    lr = settings.lr_raw if encoder.kind == "identity" else settings.lr
-    # A learned encoder's own private/desirable tasks are marked; a baseline has none.
-    roles = roles or (roles_from_run(encoder.config, tasks) if encoder.kind == "learned" else {})
+    lr = attacker_lr(encoder)
+    # A learned encoder's own private/desirable tasks are marked (a LEACE eraser's: the task it
+    # erases and its config's desirable ones); a baseline has none.
+    roles = roles or (roles_from_run(encoder.config, tasks) if encoder.kind in ("learned", "leace") else {})
     records: list[dict[str, Any]] = []
     for task in tasks:
         encoded = encode_for_attackers(encoder, task, settings.views, settings.batch_size, torch_device, progress)
@@ -98,6 +99,7 @@ def attacker_record(encoder: LoadedEncoder, task: str, role: str, encoded: Encod
     accuracy's)."""
     return {
         "encoder": encoder.name, "encoder_kind": encoder.kind, "task": task, "role": role,
+        **({"encoder_label": encoder.label} if encoder.label else {}),
         "chance": _majority_rate(encoded.y["test"], encoded.num_classes),
         "bacc_chance": balanced_accuracy_chance(encoded.y["test"]),
         "n_train": int(len(encoded.y["train"]) // views),
