@@ -17,6 +17,7 @@ from conftest import TINY
 from privenc.cli import main
 from privenc.config import load_config
 from privenc.errors import ConfigError
+from privenc.report import build_report
 from privenc.runs import CHECKPOINT_FILE, ENCODER_FILE, write_config
 from privenc.sweep import (
     expand,
@@ -27,6 +28,7 @@ from privenc.sweep import (
     setting_name,
     split_values,
     summarize,
+    sweep_markdown,
     train_runs,
     write_sweep,
 )
@@ -194,8 +196,8 @@ def test_each_configuration_is_its_mean_over_seeds_with_the_min_max_spread(by_ha
     assert label_flip["method"] == "label_flip" and label_flip["values"] == {"train.encoder_loss": "label_flip"}
 
 
-def test_sweep_files_hold_the_table_and_the_figure(by_hand):
-    out, _, result = by_hand
+def test_sweep_files_and_the_report_of_a_sweep_folder(by_hand, tmp_path):
+    out, records, result = by_hand
     result["configurations"][1]["audit"] = {"seed": 1, "run": "runs/encoder_loss=standard_gan,s1", "x": 30.0,
                                             "plain_x": 15.0, "converged": False, "rounds": 2,
                                             "folder": "audit/encoder_loss=standard_gan"}
@@ -211,6 +213,15 @@ def test_sweep_files_hold_the_table_and_the_figure(by_hand):
                     "| -10.0 [-15.0, -5.0] |  | — |"]  # the front first
     assert "| blur | +25.0 | -10.0 |" in table
     assert (out / "pareto.png").stat().st_size > 10_000
+    # the report: the sweep's table and its figure redrawn from sweep.json, beside the usual tables
+    (out / "grid" / "cells" / "all").mkdir(parents=True)
+    (out / "grid" / "cells" / "all" / "verify.json").write_text(json.dumps(records))
+    report = build_report([out], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"## Sweep — the privacy–utility front ({out})" in text and "## Table 2" in text
+    assert sweep_markdown(result).split("\n", 2)[2] in text and "![privacy–utility front](pareto.png)" in text
+    assert (tmp_path / "report" / "pareto.png").is_file() and "pareto.png" in report["figures"]
+    assert report["sweeps"] == [{"folder": str(out), "front": ["encoder_loss=standard_gan"]}]
 
 
 # --------------------------------------------------------------------------- a tiny sweep end to end

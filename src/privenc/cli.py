@@ -187,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("report", help="tables and figures from run and grid folders",
+    p = sub.add_parser("report", help="tables and figures from run, grid and sweep folders",
                        description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "
-                                   "from run folders alone (report.md, report.json, a CSV per table, PNGs).")
-    p.add_argument("inputs", nargs="+", help="training run, verify or grid folders (searched recursively)")
+                                   "from run folders alone (report.md, report.json, a CSV per table, PNGs); for a "
+                                   "sweep folder (sweep.json) also its table and privacy-utility front, redrawn.")
+    p.add_argument("inputs", nargs="+", help="training run, verify, grid or sweep folders (searched recursively)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)
