@@ -46,8 +46,14 @@ def _no(what: str):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "s"
-    result = run_sweep("demo", SHORT, [LOSSES], [0], out, audit_front=False, progress=False, command="test sweep")
-    return out, result
+    assert main(_command(out)) == 0  # through the command line, as a user runs it
+    return out, json.loads((out / "sweep.json").read_text())
+
+
+def _command(out) -> list[str]:
+    sets = [word for item in SHORT for word in ("--set", item)]
+    return ["sweep", "--config", "demo", "--vary", LOSSES, "--seeds", "0", *sets, "--no-audit", "--no-progress",
+            "--out", str(out)]
 
 
 @pytest.fixture
@@ -274,7 +280,8 @@ def test_the_tiny_sweep_writes_its_table_json_and_figure(swept):
     assert [c["on_front"] for c in result["configurations"]] == pareto_front(means)
     assert result["front"] and all(c["audit"] is None for c in result["configurations"])
     table = (out / "sweep.md").read_text()
-    assert "`test sweep`" in table and "| encoder_loss=label_flip | label_flip | label_flip | 1 |" in table
+    assert result["command"].startswith(f"privenc sweep --config demo --vary {LOSSES} --seeds 0 --set")
+    assert f"`{result['command']}`" in table and "| encoder_loss=label_flip | label_flip | label_flip | 1 |" in table
     assert "minus chance 1/K" in table and "min-max over seeds" in table
 
 
@@ -284,8 +291,10 @@ def test_a_second_call_trains_and_verifies_nothing(copy, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/encoder.pt")}
     monkeypatch.setattr(training_module, "train", _no("training"))
     monkeypatch.setattr(grid_module, "_run_cell", _no("a grid cell"))
-    again = run_sweep("demo", SHORT, [LOSSES], [0], out, audit_front=False, progress=False, command="test sweep")
-    assert again == result
+    assert main(_command(out)) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert again.pop("command").endswith(f"--out {out}")  # the copy's folder
+    assert again == {key: value for key, value in result.items() if key != "command"}
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/encoder.pt")} == stamps
 
 
@@ -306,7 +315,7 @@ def test_the_front_is_audited_and_drawn_beside_its_plain_point(copy, monkeypatch
     """About 15 s: the audit of each front configuration, 2 rounds of tiny attackers."""
     out, result = copy
     monkeypatch.setattr(training_module, "train", _no("training"))
-    audited = run_sweep("demo", SHORT, [LOSSES], [0], out, audit_rounds=2, progress=False, command="test sweep")
+    audited = run_sweep("demo", SHORT, [LOSSES], [0], out, audit_rounds=2, progress=False)
     for c in audited["configurations"]:
         if not c["on_front"]:
             assert c["audit"] is None
