@@ -18,6 +18,7 @@ from privenc.commands import (
     cmd_export,
     cmd_grid,
     cmd_report,
+    cmd_sweep,
     cmd_train,
     cmd_verify,
 )
@@ -141,6 +142,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_grid)
 
+    p = sub.add_parser(
+        "sweep", help="train a grid of configurations x seeds; the privacy-utility table and Pareto front",
+        description="Train every combination of the --vary values x --seeds (resumable: finished runs are "
+                    "skipped, unfinished ones resumed), verify each run and the references on the tasks (a "
+                    "resumable grid in OUT/grid), audit the configurations on the front, and write OUT/sweep.json, "
+                    "OUT/sweep.md and OUT/pareto.png. x = the private task's test balanced accuracy minus chance "
+                    "1/K, y = the desirable task's test balanced accuracy minus Identity's, both in points, from "
+                    "the strongest verification attacker; each configuration is the mean over seeds (error bars: "
+                    "min-max); the front joins the configuration means that no other mean beats on both axes "
+                    "(lower x, higher y).")
+    p.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="values to sweep (repeatable; each value parsed like --set, commas inside [...] kept), "
+                        "e.g. --vary train.alpha=0.1,0.5,1 --vary train.encoder_loss=label_flip,standard_gan; not "
+                        "data.*, verify.*, train.private, train.desirable or train.seed")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="training seeds (train.seed: initial weights and batch order; data.seed, the split, stays "
+                        "fixed), e.g. 0,1,2 (default: the config's train.seed)")
+    p.add_argument("--out", required=True, help="sweep folder (a rerun into it reuses what is finished)")
+    p.add_argument("--tasks", nargs="+", default=[],
+                   help="tasks to verify (the private and desirable tasks are always verified; default: also "
+                        "verify.tasks)")
+    p.add_argument("--references", default="identity,blur", metavar="ENC1,ENC2,...",
+                   help="reference encoders verified beside the runs, as privenc grid takes them: identity (needed: "
+                        "y is measured against it), blur, or a run folder / encoder.pt, e.g. a linear eraser "
+                        "(default: identity,blur)")
+    audit_flags = p.add_mutually_exclusive_group()
+    audit_flags.add_argument("--audit-front", dest="audit", action="store_true", default=True,
+                             help="audit each configuration on the front (its least private seed; the default)")
+    audit_flags.add_argument("--no-audit", dest="audit", action="store_false", help="skip the audit")
+    p.add_argument("--audit-rounds", type=_positive, default=2,
+                   help="the audit's --max-rounds, round 0 included (default 2)")
+    p.add_argument("--jobs", type=_positive, default=1,
+                   help="processes in parallel: trainings, then verification cells, then audit attackers (default 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("audit", help="the worst case over the attacker zoo, searched until it stops rising",
                        description="Search for the strongest attacker of a fixed encoder: round 0 is plain "
                                    "verification with the encoder's [verify] settings; each next round trains the "
@@ -191,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=None, default_help=RUN_CONFIG_HELP)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("report", help="tables and figures from run and grid folders",
+    p = sub.add_parser("report", help="tables and figures from run, grid and sweep folders",
                        description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "
-                                   "from run folders alone (report.md, report.json, a CSV per table, PNGs).")
-    p.add_argument("inputs", nargs="+", help="training run, verify or grid folders (searched recursively)")
+                                   "from run folders alone (report.md, report.json, a CSV per table, PNGs); for a "
+                                   "sweep folder (sweep.json) also its table and privacy-utility front, redrawn.")
+    p.add_argument("inputs", nargs="+", help="training run, verify, grid or sweep folders (searched recursively)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)

@@ -171,6 +171,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from privenc.sweep import parse_seeds, run_sweep
+
+    references = [r.strip() for r in args.references.split(",") if r.strip()]
+    # The command as it could be typed again: sweep.json, sweep.md and the figure name it.
+    words = ["privenc", "sweep", "--config", args.config, *(w for v in args.vary for w in ("--vary", v)),
+             *(["--seeds", args.seeds] if args.seeds else []), *(w for s in args.overrides for w in ("--set", s)),
+             *(["--tasks", *args.tasks] if args.tasks else []), "--references", ",".join(references),
+             *([] if args.audit else ["--no-audit"]), "--out", args.out]
+    result = run_sweep(args.config, args.overrides, args.vary, parse_seeds(args.seeds), Path(args.out),
+                       tasks=args.tasks, references=references, jobs=args.jobs, audit_front=args.audit,
+                       audit_rounds=args.audit_rounds, device=args.device, progress=not args.no_progress,
+                       command=shlex.join(words))
+    if result is not None:  # rank 0 under torchrun
+        print((Path(args.out) / "sweep.md").read_text(), end="")
+        print(f"figure: {Path(args.out) / 'pareto.png'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from privenc.report import build_report
 

@@ -1,7 +1,7 @@
 """The report's figures: Figure 1 (validation accuracy against attacker iterations, from the
-learning curves in verify.json) and Figure 3 (test images, their Naive Blur and the encodings,
+learning curves in verify.json), Figure 3 (test images, their Naive Blur and the encodings,
 histogram-equalized per location and channel by :func:`equalize`, which ``encode`` previews
-use too).
+use too) and a sweep's privacy–utility front (:func:`pareto_figure`, from sweep.json).
 """
 
 from __future__ import annotations
@@ -112,6 +112,82 @@ def figure3(runs: list[dict[str, Any]], path: Path, count: int = 8, reference: i
             ax.set_yticks([])
         axes[row, 0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
     fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+MARKERS = "osD^v<>ph"
+REFERENCE_MARKERS = "*PXdH"  # none of MARKERS: a reference never looks like a configuration
+
+
+def pareto_figure(sweep: dict[str, Any], path: Path) -> Path:
+    """A sweep's privacy–utility plane (privenc/sweep.py defines the axes): each configuration
+    at its mean over seeds with min-max error bars, one colour per method (train.encoder_loss),
+    one marker per combination of the other varied values; the front through the means of the
+    configurations on it; the audited worst case of a front configuration as a hollow marker
+    joined to its plain one; each reference encoder black, with a marker of its own and its name."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    configurations = sweep["configurations"]
+    methods = list(dict.fromkeys(c["method"] for c in configurations))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    others = [k for k in sweep["vary"] if k != "train.encoder_loss"]
+
+    def rest(c: dict[str, Any]) -> str:
+        return ", ".join(f"{k.partition('.')[2]}={c['values'][k]}" for k in others)
+
+    markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(dict.fromkeys(map(rest, configurations)))}
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for c in configurations:
+        x, y = c["x"], c["y"]
+        colour, marker = colours[c["method"]], markers[rest(c)]
+        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
+                    yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]], fmt=marker, color=colour,
+                    markersize=7, capsize=3, elinewidth=0.8)
+        audited = c.get("audit")
+        if audited:
+            ax.plot([x["mean"], audited["x"]], [y["mean"], y["mean"]], linestyle=":", color=colour, linewidth=1)
+            ax.plot(audited["x"], y["mean"], marker=marker, markerfacecolor="none", color=colour, markersize=9)
+    front = sorted((c for c in configurations if c["on_front"]), key=lambda c: c["x"]["mean"])
+    ax.plot([c["x"]["mean"] for c in front], [c["y"]["mean"] for c in front], "--", color="black", linewidth=1,
+            zorder=0)
+    shapes = {r["name"]: REFERENCE_MARKERS[i % len(REFERENCE_MARKERS)] for i, r in enumerate(sweep["references"])}
+    for r in sweep["references"]:
+        ax.plot(r["x"], r["y"], marker=shapes[r["name"]], color="black", markersize=10, linestyle="none")
+        ax.annotate(r["name"], (r["x"], r["y"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    handles = [Line2D([], [], color=colours[m], marker="o", linestyle="none", label=m) for m in methods]
+    if others:
+        handles += [Line2D([], [], color="grey", marker=markers[label], linestyle="none", label=label)
+                    for label in markers]
+    handles.append(Line2D([], [], color="black", linestyle="--", label="front (configuration means)"))
+    if any(c.get("audit") for c in configurations):
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none",
+                              label="audited worst case"))
+    handles += [Line2D([], [], color="black", marker=shape, linestyle="none", label=f"reference: {name}")
+                for name, shape in shapes.items()]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    private, desirable = sweep["tasks"]["private"], sweep["tasks"]["desirable"]
+    ax.set_xlabel(f"private ({', '.join(private)}): test balanced accuracy − chance 1/K "
+                  f"(points; lower is more private)")
+    ax.set_ylabel(f"desirable ({', '.join(desirable)}): balanced accuracy − Identity's (points)", fontsize=9)
+    ax.xaxis.label.set_fontsize(9)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.axvline(0, color="grey", linewidth=0.5)
+    ax.set_title("\n".join(textwrap.wrap(sweep["command"], 90)), fontsize=8, family="monospace")
+    seeds = ", ".join(map(str, sweep["seeds"]))
+    caption = (f"Each configuration: mean over seeds {seeds} ({sweep['seed_key']}), error bars "
+               f"{sweep['definitions']['spread']}; "
+               f"x and y from the strongest verification attacker (chosen on validation, scored on test). "
+               + (f"Hollow: {sweep['definitions']['audit']}." if sweep["definitions"].get("audit") else ""))
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 130)), fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save_figure(fig, path)
     plt.close(fig)
     return path

@@ -60,7 +60,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
         device = str(distributed.resolve_device(device, launched.local_rank))
     cells = [(spec, task) for spec in encoders for task in tasks]
     config_dict = config.to_dict()
-    _check_same_config(out_dir / "grid.json", config_dict)
+    check_same_config(out_dir, config_dict)
     atomic_write_text(out_dir / "grid.json",
                       json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
     todo = [(i, spec, task) for i, (spec, task) in enumerate(cells)
@@ -106,7 +106,10 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
         check_tasks(distinct, tasks)
 
 
-def _check_same_config(path: Path, config_dict: dict[str, Any]) -> None:
+def check_same_config(out_dir: Path, config_dict: dict[str, Any]) -> None:
+    """Refuse a grid folder whose cells were computed with another config (what grid.json
+    recorded); callers that do hours of work before the grid (a sweep) ask before it."""
+    path = Path(out_dir) / "grid.json"
     if not path.is_file():
         return
     try:

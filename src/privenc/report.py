@@ -1,10 +1,12 @@
 """Reports built from run folders alone: the paper's Table 1 and Table 2 shapes, Figure 1
-(validation accuracy vs attacker iterations), Figure 3 (images, blurred images, encodings) and
-the normalization ablation, as ``report.md``, ``report.json``, one CSV per table and PNGs.
+(validation accuracy vs attacker iterations), Figure 3 (images, blurred images, encodings), the
+normalization ablation and a sweep's privacy–utility front, as ``report.md``, ``report.json``,
+one CSV per table and PNGs.
 
-Inputs are folders: training runs (``metrics.jsonl``, ``config.toml``, ``encoder.pt``) and
-verification or grid outputs (``verify.json``, ``cells/*/verify.json``). Nothing is retrained,
-so a report can be redrawn at any time.
+Inputs are folders: training runs (``metrics.jsonl``, ``config.toml``, ``encoder.pt``),
+verification or grid outputs (``verify.json``, ``cells/*/verify.json``) and sweeps
+(``sweep.json``, which holds runs and a grid too). Nothing is retrained, so a report can be
+redrawn at any time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from privenc.atomic import atomic_write_text, ensure_writable
-from privenc.figures import figure1, figure3
+from privenc.figures import figure1, figure3, pareto_figure
 from privenc.runs import METRICS_FILE, read_config, read_metrics, refuse_run_folder, role_label
 from privenc.verification import strongest
 
@@ -46,6 +48,12 @@ def read_folders(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str
         for path in sorted(root.rglob("verify.json")):
             records.extend(json.loads(path.read_text()))
     return runs, records
+
+
+def read_sweeps(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, sweep.json's content) of every sweep in the given folders (searched recursively)."""
+    return [(path.parent, json.loads(path.read_text()))
+            for root in paths for path in sorted(Path(root).rglob("sweep.json"))]
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
@@ -301,6 +309,18 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
     t2, t2_rows = table2(runs, records)
     ab, ab_rows = ablation_table(runs, records)
     sections = ["# privenc report", "", f"Built from: {', '.join(str(p) for p in inputs)}", ""]
+    sweeps = read_sweeps(inputs)
+    pictures = []
+    from privenc.sweep import sweep_markdown  # here: the sweep module brings training and the audit
+
+    for i, (folder, sweep) in enumerate(sweeps):
+        name = "pareto.png" if len(sweeps) == 1 else f"pareto_{i + 1}.png"
+        table = sweep_markdown(sweep).split("\n", 2)[2]  # without its own title
+        sections += [f"## Sweep — the privacy–utility front ({folder})", "", table, ""]
+        if figures:
+            pareto_figure(sweep, out_dir / name)  # redrawn from sweep.json: nothing is retrained
+            pictures.append(name)
+            sections += [f"![privacy–utility front]({name})", ""]
     if runs:
         sections += ["## Table 1 — private-task accuracy within adversarial training vs after verification", "",
                      "Within training: the adversarially trained private classifier on validation images, balanced "
@@ -330,7 +350,6 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
         tables["report_table2.csv"] = csv_text(TABLE2_COLUMNS, table2_long(t2_rows))
     sections += ["Tables as CSV (one row per run and private task, or per encoder and task; accuracies as "
                  "fractions): " + ", ".join(f"[{name}]({name})" for name in sorted(tables)), ""]
-    pictures = []
     if figures and records:
         private_tasks = list(dict.fromkeys(t for run in runs for t in run["private"])) or \
             list(dict.fromkeys(r["task"] for r in records))[:1]
@@ -346,6 +365,7 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
             sections += ["## Figure 3 — images, naive blur, and encodings (equalized per location and channel)",
                          "", "![figure 3](figure3.png)", ""]
     report = {"table1": t1_rows, "table2": t2_rows, "ablation": ab_rows, "figures": pictures, "csv": sorted(tables),
+              "sweeps": [{"folder": str(folder), "front": sweep["front"]} for folder, sweep in sweeps],
               "runs": [{k: v for k, v in run.items() if k not in ("config", "metrics")} for run in runs],
               "records": records}
     for name in ("report_table1.csv", "report_table2.csv", "report_ablation.csv"):
