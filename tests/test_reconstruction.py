@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import TINY
 from privenc.config import load_config
+from privenc.data import prepare
 from privenc.encoders import LoadedEncoder, load_encoder_spec
 from privenc.errors import ConfigError, VerificationError
 from privenc.models import build_encoder
@@ -89,7 +90,9 @@ def test_the_record_has_the_standard_keys(attacks):
     assert record["lr"] == load_config("demo", TINY).verify.lr_raw  # the Identity attacker's rate
     lo, hi = record["test_bacc_ci95"]
     assert 0 <= lo <= record["test_bacc_best"] <= hi <= 1
-    assert record["n_test"] == 6 and record["bacc_chance"] == 0.5
+    data = prepare(load_config("demo", TINY).data, ["g1c0"])
+    assert (record["n_train"], record["n_test"]) == (len(data.indices["train"]), len(data.indices["test"]))
+    assert record["bacc_chance"] == 0.5
     assert record["decoder_iters"] == record["decoder_curve"][-1][0] <= QUICK.max_iters
     assert json.loads(json.dumps(record)) == record  # plain data, ready for a results file
 
