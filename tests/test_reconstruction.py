@@ -133,6 +133,15 @@ def test_scores_by_hand():
     assert math.isinf(image_scores(originals, originals)["psnr"])
     assert image_scores(torch.zeros_like(originals), originals)["ssim"] < 0.5
     assert image_scores(originals[:, :, :8, :8], originals[:, :, :8, :8])["ssim"] == pytest.approx(1.0)  # small
+    # 40 images of 32 px are scored in two chunks: the same means as in one call
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a, b = torch.rand(40, 3, 32, 32), torch.rand(40, 3, 32, 32)
+    scores = image_scores(a * 2 - 1, b * 2 - 1)
+    assert scores["ssim"] == pytest.approx(float(structural_similarity_index_measure(a.double(), b.double(),
+                                                                                     data_range=1.0)))
+    assert scores["psnr"] == pytest.approx(float(peak_signal_noise_ratio(a.double(), b.double(), data_range=1.0,
+                                                                         dim=(1, 2, 3))))
 
 
 @pytest.mark.parametrize("shape,size", [((3, 16, 16), 16), ((3, 8, 8), 32), ((5, 7, 7), 32), ((1, 1, 1), 16)])

@@ -277,12 +277,18 @@ def image_scores(reconstructions: torch.Tensor, originals: torch.Tensor) -> dict
     both in [-1, 1]; computed on [0, 1] pixels with data range 1."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    preds = ((reconstructions + 1) / 2).clamp(0, 1).double()
-    target = ((originals + 1) / 2).clamp(0, 1).double()
-    psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(preds, target, data_range=1.0,
-                                               kernel_size=_ssim_kernel(originals.shape[-1]))
-    return {"psnr": float(psnr), "ssim": float(ssim)}
+    size = originals.shape[-1]
+    # torchmetrics' SSIM holds about 1.7 kB per input value at once (measured: 1.6 GB for 300
+    # images of 32x32 in one call), so images go in chunks of about 2^15 pixels.
+    chunk = max(1, 2 ** 15 // (size * size))
+    psnr, ssim = [], []
+    for i in range(0, len(originals), chunk):
+        preds = ((reconstructions[i:i + chunk] + 1) / 2).clamp(0, 1).double()
+        target = ((originals[i:i + chunk] + 1) / 2).clamp(0, 1).double()
+        psnr.append(peak_signal_noise_ratio(preds, target, data_range=1.0, dim=(1, 2, 3), reduction="none"))
+        ssim.append(structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none",
+                                                        kernel_size=_ssim_kernel(size)))
+    return {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean())}
 
 
 # --------------------------------------------------------------------------- the attack
