@@ -73,7 +73,7 @@ def test_a_huge_margin_stops_after_round_one(finished):
 def test_every_attack_that_applies_runs_by_default(finished):
     _, out, result = finished
     rows = {row["attack"]: row for row in result["verdicts"]["g1c0"]["attacks"]}
-    assert list(rows) == ["zoo", "adaptive", "multiscale"] and result["attacks"] == list(rows)
+    assert list(rows) == ["zoo", "adaptive", "multiscale", "reconstruction"] and result["attacks"] == list(rows)
     assert rows["zoo"]["attackers"] == 1 + len(ATTACKERS) * 2 * 2
     assert rows["adaptive"] == {"attack": "adaptive",
                                 "skipped": "the blur baseline was not trained against an adversarial classifier"}
@@ -82,6 +82,11 @@ def test_every_attack_that_applies_runs_by_default(finished):
     text = (out / "audit.md").read_text()
     assert "| adaptive | skipped: the blur baseline" in text
     assert "Attacks: `zoo`, fresh attackers of every family" in text and "`multiscale`, trained on" in text
+    # the reconstruction: one record scored by a raw-image attacker, with PSNR and SSIM, and its figure
+    (rebuilt,) = json.loads((out / "attacks" / "g1c0" / "reconstruction.json").read_text())["records"]
+    assert rebuilt["attacker"] == "reconstruction" and rebuilt["psnr"] > 0 and -1 <= rebuilt["ssim"] <= 1
+    assert (out / "attacks" / "g1c0" / "reconstruction" / rebuilt["figure"]).is_file()
+    assert f"| reconstruction (PSNR {rebuilt['psnr']:.2f} dB" in text
 
 
 def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):

@@ -291,3 +291,30 @@ def _multiscale_run(ctx: AttackContext) -> list[dict[str, Any]]:
 MULTISCALE = register(Attack(
     "multiscale", "trained on encodings of views at scales 0.75, 1, 1.25 (every encoder)", _multiscale_applies,
     _multiscale_run))
+
+
+# --------------------------------------------------------------------------- reconstruction: invert the encoding
+
+
+def _reconstruction_applies(ctx: AttackContext) -> str | None:
+    return None  # a decoder can be trained on any encoder's outputs
+
+
+def _reconstruction_run(ctx: AttackContext) -> list[dict[str, Any]]:
+    """:func:`privenc.reconstruction.reconstruction_attack`: a decoder trained on the training
+    split to invert the encoding; its record's scores are those of an attacker trained on raw
+    images (Identity's, under the encoder's own ``[verify]`` protocol) applied to the
+    reconstructions, beside PSNR and SSIM; its figure goes to the attack's folder."""
+    from privenc.reconstruction import reconstruction_attack
+
+    found = reconstruction_attack(ctx.encoder, ctx.task, ctx.role, ctx.device, ctx.out_dir, seed=ctx.seed)
+    verify = ctx.encoder.config.verify  # the protocol its Identity attacker trained under
+    found.update(patience=verify.patience, views=verify.views, max_iters=verify.max_iters,
+                 detail=f"PSNR {found['psnr']:.2f} dB, SSIM {found['ssim']:.3f} (mean training image: "
+                        f"{found['baseline_psnr']:.2f} dB, {found['baseline_ssim']:.3f})")
+    return [found]
+
+
+RECONSTRUCTION = register(Attack(
+    "reconstruction", "a decoder inverting the encoding, scored by PSNR/SSIM and by an attacker trained on raw "
+    "images applied to its reconstructions (every encoder)", _reconstruction_applies, _reconstruction_run))

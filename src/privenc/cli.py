@@ -217,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated attacks to run (default: all that apply): zoo (the search beyond round 0; "
                         "round 0, plain verify, always runs), adaptive (fine-tuned from the adversarial classifier "
                         "the encoder was trained against: a run folder with its checkpoint, on its private tasks), "
-                        "multiscale (trained on encodings of views at scales 0.75, 1, 1.25; every encoder). Those "
-                        "that do not apply are listed in the verdict with the reason")
+                        "multiscale (trained on encodings of views at scales 0.75, 1, 1.25; every encoder), "
+                        "reconstruction (a decoder inverting the encoding: PSNR, SSIM, and a raw-image attacker on "
+                        "its reconstructions; every encoder). Those that do not apply are listed in the verdict "
+                        "with the reason")
     p.add_argument("--identity", metavar="compute|FOLDER",
                    help="quote Identity (raw images) beside the worst case: 'compute' verifies it with the same "
                         "data and [verify] settings into OUT/identity, or give a verify or grid folder holding it")

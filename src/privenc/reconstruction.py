@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc.atomic import ensure_writable
-from privenc.attackers import AttackerResult, Encoded, _scores, bootstrap_balanced_accuracy, fit_classifier
+from privenc.attackers import AttackerResult, Encoded, bootstrap_balanced_accuracy, fit_classifier, score_split
 from privenc.data import TaskData, prepare
 from privenc.data.transforms import BatchTransform
 from privenc.distributed import resolve_device
@@ -342,8 +342,8 @@ def reconstruction_attack(encoder: LoadedEncoder, task: str, role: str, device: 
     classifier = build_attacker("paper", encoder.config.classifier, 3, raw.num_classes, data.config.image_size)
     fitted = fit_classifier(classifier, raw, verify, verify.lr_raw, seed, torch_device, "paper", progress,
                             label=f"{label}/identity attacker")  # leaves the best-validation checkpoint in place
-    val = _scores(classifier, reconstructed["val"], raw.y["val"], torch_device)
-    test = _scores(classifier, reconstructed["test"], raw.y["test"], torch_device)
+    val = score_split(classifier, reconstructed["val"], raw.y["val"], torch_device)
+    test = score_split(classifier, reconstructed["test"], raw.y["test"], torch_device)
     assert_unchanged(encoder.module, snapshot, encoder.name)
 
     figure = reconstruction_figure(pairs, reconstructed["test"], encoder, task, scores, baseline,

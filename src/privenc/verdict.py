@@ -53,7 +53,8 @@ def _attack_summary(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """One attack's row: its attacker chosen on validation, and that attacker's test numbers."""
     best = max(records, key=selection_score)
     return {"attack": name, "attackers": len(records), "best_val_bacc": selection_score(best),
-            "test_bacc_best": best["test_bacc_best"], "test_bacc_ci95": best["test_bacc_ci95"]}
+            "test_bacc_best": best["test_bacc_best"], "test_bacc_ci95": best["test_bacc_ci95"],
+            "detail": best.get("detail")}  # e.g. the reconstruction's PSNR and SSIM
 
 
 def verdict_line(v: dict[str, Any], margin: float) -> str:
@@ -104,7 +105,8 @@ def audit_markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {a['attack']} | skipped: {a['skipped']} | — | — |")
             else:
                 lo, hi = a["test_bacc_ci95"]
-                lines.append(f"| {a['attack']} | {a['attackers']} | {100 * a['best_val_bacc']:.1f}% "
+                name = a["attack"] + (f" ({a['detail']})" if a.get("detail") else "")
+                lines.append(f"| {name} | {a['attackers']} | {100 * a['best_val_bacc']:.1f}% "
                              f"| {100 * a['test_bacc_best']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
         lines += ["",
                   "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
