@@ -6,9 +6,14 @@ splits, verification results, shards) goes through :func:`atomic_write_bytes`.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,6 +36,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(err, OSError):  # disk full, quota, I/O error: say which file, and what is left
             raise naming(err, f"cannot write {path}", f"; the previous {path.name}, if any, is unchanged") from None
         raise
+
+
+def read_finished(path: Path, then: str) -> Any | None:
+    """The JSON of a result that was written atomically (a grid cell, an audit trial, an extra
+    attack), or None when it is missing or unreadable, so that the caller computes it again:
+    an edited or cut-short copy is recomputed, never trusted. ``then`` says, in the warning,
+    what happens instead. The caller checks the shape."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("%s is unreadable (%s); %s", path, err, then)
+        return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

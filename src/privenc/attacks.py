@@ -47,7 +47,7 @@ import torch
 
 from privenc import checkpoint as ckpt
 from privenc import runs
-from privenc.atomic import atomic_write_text
+from privenc.atomic import atomic_write_text, read_finished
 from privenc.attackers import AttackerResult, Encoded, encode_for_attackers, fit_classifier, score_split
 from privenc.config import VerifyConfig
 from privenc.data.transforms import ScaledView
@@ -168,13 +168,7 @@ def run_attack(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any]
 
 def read_outcome(path: Path) -> dict[str, Any] | None:
     """A finished attack's file; None for a missing or broken one (then it runs again)."""
-    if not path.is_file():
-        return None
-    try:
-        outcome = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.warning("audit: %s is unreadable (%s); attacking again", path, err)
-        return None
+    outcome = read_finished(path, "audit: attacking again")
     ok = isinstance(outcome, dict) and isinstance(outcome.get("records"), list) and outcome["records"]
     return outcome if ok else None
 

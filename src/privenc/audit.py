@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.atomic import atomic_write_text, ensure_writable, read_finished
 from privenc.attackers import Encoded, encode_for_attackers
 from privenc.attacks import REGISTRY, ZOO, AttackContext, parse_attacks, run_attack, summaries
 from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
@@ -184,13 +184,7 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
 
 def _read_trial(path: Path) -> dict[str, Any] | None:
     """A finished trial's record; None for a missing or broken file (then it runs again)."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.warning("audit: %s is unreadable (%s); training that attacker again", path, err)
-        return None
+    record = read_finished(path, "audit: training that attacker again")
     return record if isinstance(record, dict) and "val_bacc_best" in record else None
 
 

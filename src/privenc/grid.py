@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from privenc import distributed
-from privenc.atomic import atomic_write_text, ensure_writable
+from privenc.atomic import atomic_write_text, ensure_writable, read_finished
 from privenc.config import Config, from_dict
 from privenc.encoders import check_tasks, encoder_name, load_encoder_spec
 from privenc.errors import ConfigError
@@ -127,14 +127,7 @@ def check_same_config(out_dir: Path, config_dict: dict[str, Any]) -> None:
 def _cell_done(folder: Path) -> bool:
     """A cell is done when its verify.json holds a complete list of records. It is written
     atomically, so anything else (a copy cut short, an edited file) is recomputed, never read."""
-    path = folder / "verify.json"
-    if not path.is_file():
-        return False
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.warning("grid: %s is unreadable (%s); recomputing that cell", path, err)
-        return False
+    records = read_finished(folder / "verify.json", "grid: recomputing that cell")
     return isinstance(records, list) and bool(records)
 
 
