@@ -87,6 +87,10 @@ def test_every_attack_that_applies_runs_by_default(finished):
     assert rebuilt["attacker"] == "reconstruction" and rebuilt["psnr"] > 0 and -1 <= rebuilt["ssim"] <= 1
     assert (out / "attacks" / "g1c0" / "reconstruction" / rebuilt["figure"]).is_file()
     assert f"| reconstruction (PSNR {rebuilt['psnr']:.2f} dB" in text
+    # the figure of the task: every attack and the rounds, linked from audit.md
+    figure = result["verdicts"]["g1c0"]["figure"]
+    assert figure == "audit_g1c0.png" and (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![g1c0: every attack and the rounds]({figure})" in text
 
 
 def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):

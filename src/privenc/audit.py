@@ -290,6 +290,11 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
               "seconds": round(time.time() - started, 1), "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}
+    from privenc.figures import audit_figure
+
+    for task, v in verdicts.items():
+        name = f"audit_{task.replace('/', '-')}.png"  # as the trials' and attacks' folders name tasks
+        v["figure"] = audit_figure(v, encoder.label or encoder.name, out_dir / name).name
     atomic_write_text(out_dir / "audit.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out_dir / "audit.md", audit_markdown(result))
     return result

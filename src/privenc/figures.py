@@ -191,3 +191,51 @@ def pareto_figure(sweep: dict[str, Any], path: Path) -> Path:
     _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def audit_figure(v: dict[str, Any], encoder: str, path: Path) -> Path:
+    """One task's audit at a glance: left, each attack's attacker chosen on validation with its
+    test balanced accuracy and bootstrap interval, against chance (1/K), plain verify and
+    Identity; right, the best validation balanced accuracy over the rounds of the zoo search
+    (flat at the end = converged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, rounds) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    ran = [a for a in v["attacks"] if "skipped" not in a]
+    names = [a["attack"] for a in ran]
+    values = np.array([100 * a["test_bacc_best"] for a in ran])
+    lows = values - np.array([100 * a["test_bacc_ci95"][0] for a in ran])
+    highs = np.array([100 * a["test_bacc_ci95"][1] for a in ran]) - values
+    worst = v["worst_case"].get("attack") or "zoo"
+    colours = ["tab:red" if name == worst else "tab:blue" for name in names]
+    y = np.arange(len(ran))[::-1]
+    bars.barh(y, values, xerr=[lows, highs], color=colours, alpha=0.8, capsize=3)
+    bars.set_yticks(y, names)
+    bars.axvline(100 * v["bacc_chance"], color="black", linestyle="--", linewidth=1, label="chance (1/K)")
+    bars.axvline(100 * v["plain_verify_test_bacc"], color="tab:green", linestyle=":", linewidth=1.2,
+                 label="plain verify")
+    if v.get("identity_test_bacc") is not None:
+        bars.axvline(100 * v["identity_test_bacc"], color="tab:purple", linestyle="-.", linewidth=1.2,
+                     label="Identity")
+    bars.set_xlim(0, 100)
+    bars.set_xlabel("test balanced accuracy, % (attacker chosen on validation; 95% bootstrap interval)")
+    skipped = [a["attack"] for a in v["attacks"] if "skipped" in a]
+    bars.set_title(f"{encoder}, {v['task']} ({v['role']}): worst case in red"
+                   + (f"; skipped: {', '.join(skipped)}" if skipped else ""), fontsize=9)
+    bars.legend(fontsize=8, loc="lower right")
+    ks = [r["round"] for r in v["rounds"]]
+    rounds.plot(ks, [100 * r["best_val_bacc"] for r in v["rounds"]], marker="o", label="best so far")
+    rounds.plot(ks, [100 * r["round_best_val_bacc"] for r in v["rounds"]], marker="x", linestyle=":",
+                label="round's best")
+    rounds.set_xticks(ks)
+    rounds.set_xlabel("round of the zoo search")
+    rounds.set_ylabel("validation balanced accuracy, %")
+    rounds.set_title("converged" if v["converged"] else "NOT converged", fontsize=9)
+    rounds.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -92,7 +92,8 @@ def audit_markdown(result: dict[str, Any]) -> str:
              + ".", ""]
     for task, v in result["verdicts"].items():
         w = v["worst_case"]
-        lines += [f"## {task}", "", verdict_line(v, margin), "",
+        figure = [f"![{task}: every attack and the rounds]({v['figure']})", ""] if v.get("figure") else []
+        lines += [f"## {task}", "", verdict_line(v, margin), "", *figure,
                   f"Chosen on validation: attack `{w['attack']}`, `{w['attacker']}` lr {w['lr']:g} seed {w['seed']}"
                   + (f" of round {w['round']}" if w["round"] is not None else "")
                   + (f", {w['detail']}" if w["detail"] else "")
