@@ -72,16 +72,26 @@ class BatchTransform:
         scale = low + (high - low) * torch.rand(batch)           # (B,)
         room = (full * scale - size).clamp(min=0)                 # crop offsets, resized pixels
         offset = torch.rand(batch, 2) * room[:, None]             # (B, 2): x, y
-        # Output pixel u (normalized x_n) samples the resized image at offset + u + 0.5, i.e.
-        # the original at (offset + u + 0.5) / scale: x_src = a * x_n + b in normalized units.
-        a = size / (full * scale)
-        theta = torch.zeros(batch, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = a
-        theta[:, 0, 2] = (2 * offset[:, 0] + size) / (full * scale) - 1
-        theta[:, 1, 2] = (2 * offset[:, 1] + size) / (full * scale) - 1
-        grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
-        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        _, out = resample(x, scale, offset, size, full)
         return out.div_(127.5).sub_(1.0)
+
+
+def resample(x: torch.Tensor, scale: torch.Tensor | float, offset: torch.Tensor, size: int,
+             full: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sampling grid, (B, C, size, size) crop) of the float (B, C, full, full) batch ``x``
+    resized by ``scale`` (per image (B,), or one number) and cropped at ``offset`` (B, 2: x, y,
+    in resized pixels; negative = padding), bilinear, edge pixels repeated outside the image.
+    Output pixel u (normalized x_n) samples the resized image at offset + u + 0.5, i.e. the
+    original at (offset + u + 0.5) / scale: x_src = a * x_n + b in normalized units."""
+    batch = x.shape[0]
+    a = size / (full * scale)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = a
+    theta[:, 0, 2] = (2 * offset[:, 0] + size) / (full * scale) - 1
+    theta[:, 1, 2] = (2 * offset[:, 1] + size) / (full * scale) - 1
+    grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
+    return grid, torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                                 align_corners=False)
 
 
 class ScaledView:
@@ -110,14 +120,7 @@ class ScaledView:
             offset = torch.rand(batch, 2) * room                  # (B, 2): x, y
         else:
             offset = torch.full((batch, 2), room / 2)              # centred in the padding
-        # As in BatchTransform: output pixel u samples the original at (offset + u + 0.5) / scale.
-        a = size / (full * scale)
-        theta = torch.zeros(batch, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = a
-        theta[:, 0, 2] = (2 * offset[:, 0] + size) / (full * scale) - 1
-        theta[:, 1, 2] = (2 * offset[:, 1] + size) / (full * scale) - 1
-        grid = torch.nn.functional.affine_grid(theta.to(x.device), [batch, 3, size, size], align_corners=False)
-        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid, out = resample(x, scale, offset, size, full)
         # Border padding keeps the image's edge pixels intact; outside the image, black.
         inside = (grid.abs() <= 1).all(dim=-1)[:, None]            # (B, 1, S, S)
         return out.mul_(inside).div_(127.5).sub_(1.0)
