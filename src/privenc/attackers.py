@@ -69,34 +69,42 @@ class Encoded:
     x: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
     num_classes: int
+    inputs: dict[str, torch.Tensor] | None = None  # the encoder's input images, with keep_inputs
 
 
 @torch.no_grad()
 def encode_task(encoder: nn.Module, data: TaskData, views: int, batch_size: int, device: torch.device,
-                progress: bool = False, train_views: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
-                ) -> Encoded:
+                progress: bool = False, train_views: list[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                keep_inputs: bool = False) -> Encoded:
     """``views`` augmented views of each training image (the training augmentation), and val and
     test by the evaluation transform. ``train_views``, when given, replaces the training
     augmentation: one view per transform (uint8 batch -> encoder input), e.g. the multi-scale
-    attacker's rescaled views; val and test stay what the encoder meets when deployed."""
+    attacker's rescaled views; val and test stay what the encoder meets when deployed.
+    ``keep_inputs`` also keeps each encoding's input image (the reconstruction attack's target)."""
     xs: dict[str, torch.Tensor] = {}
     ys: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
     train_transforms = train_views or [BatchTransform(data.config, augment=True)] * views
     for split, transforms in (("train", train_transforms), ("val", [BatchTransform(data.config, augment=False)]),
                               ("test", [BatchTransform(data.config, augment=False)])):
         dataset = data.uint8_dataset(split)
-        chunks, labels = [], []
+        chunks, labels, inputs = [], [], []
         for transform in transforms:  # on the device, a batch at a time
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
             for images, label in tqdm(loader, desc=f"encode {split}", leave=False, disable=not progress):
-                chunks.append(encoder(transform(images.to(device))).float().cpu())
+                image = transform(images.to(device))
+                chunks.append(encoder(image).float().cpu())
                 labels.append(label[:, 0])
+                if keep_inputs:
+                    inputs.append(image.float().cpu())
         xs[split], ys[split] = torch.cat(chunks), torch.cat(labels)
+        if keep_inputs:
+            kept[split] = torch.cat(inputs)
         bad = int((~torch.isfinite(xs[split]).flatten(1).all(dim=1)).sum())
         if bad:  # attackers would train on NaN and report garbage accuracies
             raise VerificationError(f"the encoder produced non-finite values (NaN or Inf) for {bad} of "
                                     f"{len(xs[split])} {split} encodings of task {data.tasks[0].name!r}")
-    return Encoded(xs, ys, data.tasks[0].num_classes)
+    return Encoded(xs, ys, data.tasks[0].num_classes, kept if keep_inputs else None)
 
 
 def encode_for_attackers(encoder: LoadedEncoder, task: str, views: int, batch_size: int, device: torch.device,

@@ -42,9 +42,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privenc.atomic import ensure_writable
-from privenc.attackers import AttackerResult, Encoded, bootstrap_balanced_accuracy, fit_classifier, score_split
+from privenc.attackers import (
+    AttackerResult,
+    Encoded,
+    bootstrap_balanced_accuracy,
+    encode_task,
+    fit_classifier,
+    score_split,
+)
 from privenc.data import TaskData, prepare
-from privenc.data.transforms import BatchTransform
 from privenc.distributed import resolve_device
 from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
 from privenc.errors import ConfigError, VerificationError
@@ -151,34 +157,18 @@ class Pairs:
         return Encoded(self.images, self.labels, self.num_classes)
 
 
-@torch.no_grad()
 def encode_pairs(encoder: nn.Module, data: TaskData, views: int, batch_size: int, device: torch.device,
                  progress: bool = False) -> Pairs:
-    """Like :func:`~privenc.attackers.encode_task`, keeping each encoding's input image: the
-    decoder's target is the very (augmented) image that was encoded. With the global generator
-    seeded as :func:`~privenc.attackers.encode_for_attackers` seeds it, the images are exactly
-    Identity's encodings in verification."""
-    images: dict[str, torch.Tensor] = {}
-    encodings: dict[str, torch.Tensor] = {}
-    labels: dict[str, torch.Tensor] = {}
-    for split, augment, repeats in (("train", True, views), ("val", False, 1), ("test", False, 1)):
-        transform = BatchTransform(data.config, augment)
-        inputs, outputs, targets = [], [], []
-        for _ in range(repeats):
-            loader = torch.utils.data.DataLoader(data.uint8_dataset(split), batch_size=batch_size, shuffle=False)
-            for batch, label in tqdm(loader, desc=f"encode {split}", leave=False, disable=not progress):
-                image = transform(batch.to(device))
-                inputs.append(image.float().cpu())
-                outputs.append(encoder(image).float().cpu())
-                targets.append(label[:, 0])
-        images[split], encodings[split], labels[split] = torch.cat(inputs), torch.cat(outputs), torch.cat(targets)
-        if encodings[split].dim() != 4:
-            raise VerificationError(f"the reconstruction attack decodes (C, h, w) encodings; the encoder gives "
-                                    f"{tuple(encodings[split].shape[1:])} per image")
-        if not torch.isfinite(encodings[split]).all():
-            raise VerificationError(f"the encoder produced non-finite values (NaN or Inf) among the {split} "
-                                    f"encodings of task {data.tasks[0].name!r}")
-    return Pairs(images, encodings, labels, data.tasks[0].num_classes)
+    """:func:`~privenc.attackers.encode_task`, keeping each encoding's input image: the decoder's
+    target is the very (augmented) image that was encoded. With the global generator seeded as
+    :func:`~privenc.attackers.encode_for_attackers` seeds it, the images are exactly Identity's
+    encodings in verification."""
+    encoded = encode_task(encoder, data, views, batch_size, device, progress, keep_inputs=True)
+    shape = tuple(encoded.x["train"].shape[1:])
+    if len(shape) != 3:
+        raise VerificationError(f"the reconstruction attack decodes (C, h, w) encodings; the encoder gives {shape} "
+                                f"per image")
+    return Pairs(encoded.inputs, encoded.x, encoded.y, encoded.num_classes)
 
 
 # --------------------------------------------------------------------------- training the decoder
