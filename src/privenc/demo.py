@@ -16,15 +16,14 @@ from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from privenc.config import Config, from_dict, load_config
+from privenc.config import Config, load_config
 from privenc.errors import ConfigError
 from privenc.grid import run_grid
 from privenc.report import build_report
 from privenc.runs import METRICS_FILE, config_changes, has_checkpoint, is_finished, is_run, read_config
-from privenc.training import train
+from privenc.training import train, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
         # core well and several poorly. One bar follows both through their metrics logs.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_train_one, variant.to_dict(), str(run_dir), threads) for variant, run_dir in todo]
+            futures = [pool.submit(train_worker, variant.to_dict(), str(run_dir), threads) for variant, run_dir in todo]
             _follow([run_dir for _, run_dir in todo], futures, config.train.warmup_iters + config.train.iters,
                     progress)
             for future in futures:
@@ -98,16 +97,6 @@ def _follow(run_dirs: list[Path], futures: list, steps_each: int, progress: bool
                 pass  # not started yet, or a line being written: the next poll reads it
         bar.update(max(0, done - bar.n))
     bar.close()
-
-
-def _train_one(config_dict: dict, run_dir: str, threads: int) -> str:
-    from privenc.runtime import keep_freed_memory
-
-    keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
-    torch.set_num_threads(threads)
-    path = Path(run_dir)
-    train(from_dict(config_dict), path, resume=has_checkpoint(path), progress=False)
-    return run_dir
 
 
 def _other_task(config: Config, taken: list[str]) -> str:

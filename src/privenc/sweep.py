@@ -41,12 +41,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from privenc import distributed, runs
 from privenc.atomic import atomic_write_text, ensure_writable
-from privenc.config import SECTIONS, Config, from_dict, load_config
+from privenc.config import SECTIONS, Config, load_config
 from privenc.encoders import BASELINES, check_tasks, encoder_name, learned_encoder_path
 from privenc.errors import ConfigError
 
@@ -223,17 +222,6 @@ def check_run_folder(run: SweepRun) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def _train_worker(config_dict: dict[str, Any], run_dir: str, threads: int) -> str:
-    from privenc.runtime import keep_freed_memory
-    from privenc.training import train
-
-    keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
-    torch.set_num_threads(threads)
-    path = Path(run_dir)
-    train(from_dict(config_dict), path, resume=runs.has_checkpoint(path), progress=False)
-    return run_dir
-
-
 def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
                world: distributed.World | None = None, device: str = "auto") -> int:
     """Train every run that has no encoder yet (resuming those with a checkpoint), ``jobs`` at a
@@ -241,7 +229,7 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
     torchrun; returns how many were trained. One bar counts the finished runs. ``device``
     (unless auto) replaces train.device: where a run trains is not part of what it is, so the
     grid's config and a rerun elsewhere stay the same sweep."""
-    from privenc.training import train
+    from privenc.training import train, train_worker
 
     world = world or distributed.World()
     todo = [run for run in planned if not runs.is_finished(run.run_dir)]
@@ -256,7 +244,7 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
         # One process per run, the cores shared: small convolutions use one core well, several poorly.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_train_worker, run.config.to_dict(), str(run.run_dir), threads): run
+            futures = {pool.submit(train_worker, run.config.to_dict(), str(run.run_dir), threads): run
                        for run in todo}
             for future in as_completed(futures):
                 future.result()

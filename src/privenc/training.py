@@ -22,7 +22,7 @@ from privenc import checkpoint as ckpt
 from privenc import distributed, runs
 from privenc.adversarial import ACCURACY_SUFFIX, Players, classifier_step, encoder_step, evaluate
 from privenc.atomic import ensure_writable
-from privenc.config import Config
+from privenc.config import Config, from_dict
 from privenc.data import TaskData, prepare
 from privenc.data.tasks import combine_tasks
 from privenc.data.transforms import BatchTransform
@@ -183,6 +183,18 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, progress: b
         # after every rank's last collective (the closing barrier), and on an error too: no
         # rank exits with the process group open (distributed.teardown says why)
         distributed.teardown(world)
+
+
+def train_worker(config_dict: dict[str, Any], run_dir: str, threads: int) -> str:
+    """One run trained (or resumed from its checkpoint) in a spawned process of a pool, as the
+    demo and sweeps train several runs side by side: ``threads`` torch threads, no bar."""
+    from privenc.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a spawned worker: the command line's setting is not inherited
+    torch.set_num_threads(threads)
+    path = Path(run_dir)
+    train(from_dict(config_dict), path, resume=runs.has_checkpoint(path), progress=False)
+    return run_dir
 
 
 def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: distributed.World) -> Path:
