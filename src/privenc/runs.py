@@ -140,11 +140,14 @@ class EncoderFile:
     image_size: int
 
 
-def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int) -> None:
-    """The encoder alone, with what is needed to rebuild it (its config and input size)."""
+def save_encoder(path: Path, config: Config, encoder: nn.Module, step: int,
+                 calibration: dict[str, float] | None = None) -> None:
+    """The encoder alone, with what is needed to rebuild it (its config and input size), and
+    what the final re-estimate of its normalization statistics measured (``calibration``)."""
     ckpt.save(path, {
         "kind": "learned",
         "step": step,
+        **({"calibration": calibration} if calibration is not None else {}),
         "encoder_config": config.to_dict()["encoder"],
         "image_size": config.data.image_size,
         "output_shape": list(encoder.output_shape),

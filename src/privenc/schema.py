@@ -138,6 +138,12 @@ class TrainConfig:
     weights and fresh Adam moments, one ensemble member at a time in rotation, so the encoder
     always faces trained members too (Wu et al., ECCV 2018, "budget model restarting"). The
     desirable classifier is never reset."""
+    recalibrate_images: int = 4096
+    """After training, the encoder's normalization statistics are re-estimated, layer by layer,
+    on up to this many training images seen through the evaluation view (norms.recalibrate):
+    the running averages that training leaves come from augmented batches and a moving encoder,
+    and on unseen photos they left output elements with well under the unit variance that the
+    variance constraint asks for (docs/results.md). 0 keeps them."""
     classifier_lr: float = 1e-3
     encoder_lr: float = 1e-3
     encoder_lr_decay: float = 0.5623413251903491
@@ -261,6 +267,9 @@ def validate(config: Config) -> None:
     _require(t.private_ensemble >= 1,
              f"train.private_ensemble must be >= 1 (private classifiers per private task; 1 = the paper's one), "
              f"got {t.private_ensemble}")
+    _require(t.recalibrate_images >= 0,
+             f"train.recalibrate_images must be >= 0 (training images for the encoder's final normalization "
+             f"statistics; 0 = keep the running statistics of training), got {t.recalibrate_images}")
     _require(t.adversary_reset_every >= 0,
              f"train.adversary_reset_every must be >= 0 (encoder steps between resets of a private classifier; "
              f"0 = never), got {t.adversary_reset_every}")

@@ -28,6 +28,7 @@ from privenc.data.tasks import combine_tasks
 from privenc.data.transforms import BatchTransform
 from privenc.errors import ConfigError, TrainingError
 from privenc.models import Classifier, Encoder
+from privenc.norms import output_variance, recalibrate
 from privenc.stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,42 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
     bar.close()
 
     if world.is_main:
-        runs.save_encoder(encoder_path, config, players.encoder, state.step)
+        calibration = None
+        if t.recalibrate_images:
+            calibration = recalibrate_encoder(players.encoder, data, config, device,
+                                              [to_device(b, None)[0] for b in val_batches])
+        runs.save_encoder(encoder_path, config, players.encoder, state.step, calibration)
         log.info("encoder saved to %s", encoder_path)
     distributed.barrier(world)
     return encoder_path
+
+
+def recalibrate_encoder(encoder: nn.Module, data: TaskData, config: Config, device: torch.device,
+                        val_images: list[torch.Tensor]) -> dict[str, float]:
+    """Re-estimate the encoder's normalization statistics on ``train.recalibrate_images``
+    training images (a random sample drawn with data.seed) through the evaluation view, the
+    view verification and deployment encode (:func:`privenc.norms.recalibrate`); return the
+    collapse diagnostics of the result on the validation images, with the sample's size."""
+    t = config.train
+    dataset = data.uint8_dataset("train")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data.seed))
+    chosen = order[:t.recalibrate_images].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=256, shuffle=False)
+    cached = [images for images, _ in loader]  # uint8, read once: recalibrate passes over them per layer
+    view = BatchTransform(config.data, augment=False)
+
+    def batches():
+        for images in cached:
+            x = view(images.to(device))
+            yield x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
+
+    count = recalibrate(encoder, batches)
+    with torch.no_grad():
+        result = output_variance(torch.cat([encoder(x) for x in val_images])) if val_images else {}
+    result = {"images": count, **{f"val_{k}": round(v, 6) for k, v in result.items()}}
+    log.info("normalization statistics re-estimated on %d training images (evaluation view); validation: "
+             "%s", count, ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "images"))
+    return result
 
 
 # --------------------------------------------------------------------------- helpers of the loop
