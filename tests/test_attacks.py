@@ -5,6 +5,7 @@ Audits here run round 0 only (one tiny attacker on Blur) unless a test needs mor
 attacks under test are stand-ins registered for the test, so what is tested is the seam."""
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import privenc.attacks as attacks_module
+import privenc.audit as audit_module
 from conftest import TINY
 from privenc import checkpoint as ckpt
 from privenc import runs
@@ -258,6 +260,44 @@ def test_an_audit_of_a_run_folder_runs_the_adaptive_attacker(finished_run, confi
     best = max([*saved["records"], *map(json.loads, map(Path.read_text, (out / "trials" / "g1c0").glob("*.json")))],
                key=lambda r: r["val_bacc_best"])
     assert (worst["attack"], worst["val_bacc_best"]) == (best["attack"], best["val_bacc_best"])
+
+
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {key: _without_seconds(item) for key, item in value.items() if key != "seconds"}
+    return [_without_seconds(item) for item in value] if isinstance(value, list) else value
+
+
+@pytest.mark.slow  # two audits of two tasks, one in spawned processes: 23 s under load on the 2-core VM
+def test_jobs_run_the_extra_attacks_in_the_pool_with_the_same_records(finished_run, config, tmp_path, monkeypatch):
+    tasks, attacks = ["g1c0", "g1c1"], ["adaptive", "multiscale"]  # g1c1: adaptive skipped; its search overlaps
+    # --jobs 1 on a worker's thread count: CPU sums may differ in the last digits with the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        one = audit(str(finished_run), config, tasks, tmp_path / "one", max_rounds=1, progress=False, attacks=attacks)
+    finally:
+        torch.set_num_threads(threads)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an extra attack ran in the main process")
+
+    monkeypatch.setattr(attacks_module, "compute_outcome", refuse)  # spawned workers import the real one
+    two = audit(str(finished_run), config, tasks, tmp_path / "two", max_rounds=1, jobs=2, progress=False,
+                attacks=attacks)
+    # the same records, file by file, and the same verdicts: only the seconds differ
+    files = {run: sorted(path.relative_to(tmp_path / run) for path in (tmp_path / run / "attacks").rglob("*.json"))
+             for run in ("one", "two")}
+    assert files["one"] == files["two"] and len(files["one"]) == 3
+    for file in files["one"]:
+        assert (_without_seconds(json.loads((tmp_path / "one" / file).read_text()))
+                == _without_seconds(json.loads((tmp_path / "two" / file).read_text()))), file
+    assert _without_seconds(two["verdicts"]) == _without_seconds(one["verdicts"])
+    # a rerun in the pool reads every attack back: nothing is handed to a worker
+    monkeypatch.setattr(audit_module, "_run_attack_job", refuse)
+    again = audit(str(finished_run), config, tasks, tmp_path / "two", max_rounds=1, jobs=2, progress=False,
+                  attacks=attacks)
+    assert again["verdicts"] == two["verdicts"]
 
 
 # --------------------------------------------------------------------------- multiscale

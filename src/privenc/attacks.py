@@ -143,6 +143,14 @@ def run_attack(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any]
     """The outcome of ``attack`` on ``ctx``: ``{"attack", "skipped": reason}``, or
     ``{"attack", "protocol", "records"}`` read back from ``path`` when it holds this protocol's,
     else computed and written there."""
+    found = known_outcome(attack, ctx, path)
+    return found if found is not None else compute_outcome(attack, ctx, path)
+
+
+def known_outcome(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any] | None:
+    """The outcome of ``attack`` on ``ctx`` when it needs no attacking: skipped (with the
+    reason), or read back from ``path`` when that holds this protocol's; else None. The audit
+    asks this in its own process before it hands an attack to a worker."""
     reason = attack.applies(ctx)
     if reason is not None:
         return {"attack": attack.name, "skipped": reason}
@@ -151,6 +159,13 @@ def run_attack(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any]
         return found
     if found is not None:
         log.info("audit: %s was computed under another protocol (%s); attacking again", path, found.get("protocol"))
+    return None
+
+
+def compute_outcome(attack: Attack, ctx: AttackContext, path: Path) -> dict[str, Any]:
+    """Run ``attack`` on ``ctx`` (it applies: :func:`known_outcome` said so), check that the
+    encoder did not move and that every record holds :data:`RECORD_KEYS`, and write the outcome
+    to ``path`` atomically: an attack is done when its file exists."""
     snapshot = freeze(ctx.encoder.module)
     records = attack.run(ctx)
     assert_unchanged(ctx.encoder.module, snapshot, ctx.encoder.name)

@@ -32,9 +32,14 @@ chooses which; default all): the adaptive attacker, fine-tuned from the adversar
 the encoder was trained against (a run folder with its checkpoint, on a task it was trained
 against), and the multi-scale attacker, trained on encodings of views at several scales (every
 encoder). They train under the protocol of the widest round the search ran (at least round 1's:
-its patience, views, iteration cap and learning rates; the first seed), in this process, and are
-kept in ``OUT/attacks/<task>/<name>.json``. The worst case is chosen on validation over the zoo
-and these; an attack that does not apply is listed with the reason. Round 0 stays what plain
+its patience, views, iteration cap and learning rates; the first seed), and are kept in
+``OUT/attacks/<task>/<name>.json``. With ``jobs`` > 1 each is a job of the trials' process pool,
+submitted as soon as its task's search has stopped (that protocol is all it depends on), so it
+runs beside the other attacks and the next task's search; with ``jobs`` = 1 they run one after
+another in this process. Every job is seeded as in this process, so the records are the same
+either way, up to the last digits that CPU sums can change with the thread count (a worker runs
+on cpu_count / jobs threads). The worst case is chosen on validation over the zoo and these; an
+attack that does not apply is listed with the reason. Round 0 stays what plain
 verification reports; without ``zoo`` among the attacks only round 0 of the search runs.
 
 What each encoder gets: a run folder (or its encoder.pt) every attack; an encoder file alone or
@@ -52,7 +57,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -63,7 +68,17 @@ from tqdm.auto import tqdm
 
 from privenc.atomic import atomic_write_text, ensure_writable, read_finished
 from privenc.attackers import Encoded, encode_for_attackers
-from privenc.attacks import REGISTRY, ZOO, AttackContext, parse_attacks, run_attack, summaries
+from privenc.attacks import (
+    REGISTRY,
+    ZOO,
+    AttackContext,
+    compute_outcome,
+    known_outcome,
+    parse_attacks,
+    read_outcome,
+    run_attack,
+    summaries,
+)
 from privenc.config import ATTACKERS, Config, VerifyConfig, config_diff, from_dict
 from privenc.distributed import resolve_device
 from privenc.encoders import (
@@ -139,14 +154,20 @@ def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
 _CACHE: dict[str, Any] = {}
 
 
-def _encoded(spec: str, config_dict: dict[str, Any], task: str, views: int,
-             device: torch.device) -> tuple[LoadedEncoder, dict[str, torch.Tensor], Encoded]:
+def _loaded(spec: str, config_dict: dict[str, Any],
+            device: torch.device) -> tuple[LoadedEncoder, dict[str, torch.Tensor]]:
+    """The encoder of ``spec`` (frozen) and its snapshot, loaded once per process."""
     key = json.dumps([spec, config_dict, str(device)], sort_keys=True, default=str)
     if _CACHE.get("key") != key:
         encoder = load_encoder_spec(spec, from_dict(config_dict), device)
         _CACHE.clear()
         _CACHE.update(key=key, encoder=encoder, snapshot=freeze(encoder.module))
-    encoder = _CACHE["encoder"]
+    return _CACHE["encoder"], _CACHE["snapshot"]
+
+
+def _encoded(spec: str, config_dict: dict[str, Any], task: str, views: int,
+             device: torch.device) -> tuple[LoadedEncoder, dict[str, torch.Tensor], Encoded]:
+    encoder, _ = _loaded(spec, config_dict, device)
     if _CACHE.get("data_key") != (task, views):
         _CACHE.pop("encoded", None)  # free the previous views first: Identity's can be large
         _CACHE["encoded"] = encode_for_attackers(encoder, task, views, encoder.config.verify.batch_size, device)
@@ -160,11 +181,7 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
     its file exists)."""
     from privenc.attackers import fit_classifier
 
-    if threads is not None:  # a spawned worker: the parent's settings are not inherited
-        from privenc.runtime import keep_freed_memory
-
-        keep_freed_memory()
-        torch.set_num_threads(threads)
+    _worker_settings(threads)
     torch_device = resolve_device(device)
     encoder, snapshot, encoded = _encoded(spec, config_dict, task, trial.views, torch_device)
     settings = dataclasses.replace(encoder.config.verify, patience=trial.patience, views=trial.views,
@@ -180,6 +197,33 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
               "max_iters": trial.max_iters}
     atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
     return path
+
+
+def _worker_settings(threads: int | None) -> None:
+    if threads is not None:  # a spawned worker: the parent's settings are not inherited
+        from privenc.runtime import keep_freed_memory
+
+        keep_freed_memory()
+        torch.set_num_threads(threads)
+
+
+def _run_attack_job(spec: str, config_dict: dict[str, Any], name: str, task: str, role: str,
+                    settings: VerifyConfig, lrs: tuple[float, ...], seed: int, device: str, folder: str,
+                    threads: int) -> str:
+    """Run the extra attack ``name`` of ``task`` in a worker, on the encoder rebuilt from its spec
+    and config (shared with the worker's trials), and write its outcome to ``folder/<name>.json``
+    (atomically); return that path. The main process asked :func:`~privenc.attacks.known_outcome`
+    first: the attack applies and is not on disk under this protocol."""
+    _worker_settings(threads)
+    if name not in REGISTRY:  # registered in the main process at run time: a spawned worker never saw it
+        raise ConfigError(f"attack {name!r} is not registered in a worker process, which knows only the attacks "
+                          f"registered on importing privenc: audit with --jobs 1")
+    torch_device = resolve_device(device)
+    encoder, _ = _loaded(spec, config_dict, torch_device)
+    context = AttackContext(spec, encoder, task, role, settings, lrs, seed, torch_device, Path(folder) / name)
+    path = Path(folder) / f"{name}.json"
+    compute_outcome(REGISTRY[name], context, path)
+    return str(path)
 
 
 def _read_trial(path: Path) -> dict[str, Any] | None:
@@ -207,6 +251,8 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     ``result["failed"]`` lists the tasks whose worst case is more than ``fail_above`` points
     of balanced accuracy above its chance level 1/K. ``attacks``: names from
     :func:`privenc.attacks.attack_names` (``zoo`` is the search beyond round 0); None = all.
+    ``jobs``: processes that train a round's attackers and, after each task's search, its extra
+    attacks (1: everything in this process, one after another).
     """
     out_dir = Path(out_dir)
     chosen = parse_attacks(None if attacks is None else ",".join(attacks))
@@ -237,7 +283,10 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     started = time.time()
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    verdicts = {}
+    extra = [name for name in chosen if name != ZOO]
+    searches: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]], str]] = {}
+    outcomes: dict[str, list[dict[str, Any]]] = {}
+    started_attacks: dict[str, list[dict[str, Any] | Future[str]]] = {}
     attack_encoder: LoadedEncoder | None = None
     try:
         for task in tasks:
@@ -267,23 +316,28 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                 if rise is not None and rise < margin / 100:
                     stopped_by = "margin"
                     break
-            outcomes = []
-            for name in (n for n in chosen if n != ZOO):
-                if attack_encoder is None:  # loaded once, on the device, when the first extra attack runs
+            searches[task] = (role, records, rounds, stopped_by)
+            # The extra attacks need only the widest round's protocol, known now: in a pool they
+            # start at once, and the next task's trials queue behind them.
+            protocol = attack_protocol(settings, lr, len(rounds) - 1)
+            folder = out_dir / "attacks" / task.replace("/", "-")
+            if pool is None:
+                if extra and attack_encoder is None:  # loaded once, on the device, for the first extra attack
                     attack_encoder = load_encoder_spec(encoder_spec, config, resolve_device(device))
-                widened, lrs, seed = attack_protocol(settings, lr, len(rounds) - 1)
-                folder = out_dir / "attacks" / task.replace("/", "-")
-                context = AttackContext(encoder_spec, attack_encoder, task, role, widened, lrs, seed,
-                                        resolve_device(device), folder / name)
-                outcomes.append(run_attack(REGISTRY[name], context, folder / f"{name}.json"))
-                if "skipped" in outcomes[-1]:
-                    log.info("audit %s: attack %s skipped: %s", task, name, outcomes[-1]["skipped"])
-            verdicts[task] = verdict(task, role, records, rounds, stopped_by, margin, references.get(task),
-                                      fail_above, outcomes)
+                outcomes[task] = _attacks_here(extra, encoder_spec, attack_encoder, task, role, protocol, folder,
+                                               resolve_device(device), progress)
+            else:
+                started_attacks[task] = _start_attacks(extra, encoder_spec, config_dict, encoder, task, role,
+                                                       protocol, folder, pool, device, threads)
+        for task, found in started_attacks.items():
+            outcomes[task] = _collect_attacks(task, extra, found, progress)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         _CACHE.clear()  # the encodings of an in-process search are not needed after it
+    verdicts = {task: verdict(task, role, records, rounds, stopped_by, margin, references.get(task), fail_above,
+                              outcomes[task])
+                for task, (role, records, rounds, stopped_by) in searches.items()}
     result = {"encoder": encoder.name, "encoder_kind": encoder.kind,
               **({"encoder_label": encoder.label} if encoder.label else {}), "tasks": tasks, "attacks": chosen,
               "attack_summaries": summaries(chosen), "margin_points": margin,
@@ -324,6 +378,65 @@ def _run_round(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
     if missing:  # written by _run_trial just now: only a file system failing under us gets here
         raise OSError(f"audit: trial results missing after the round: {', '.join(missing)} in {folder}")
     return records  # type: ignore[return-value]
+
+
+def _attacks_here(names: list[str], spec: str, encoder: LoadedEncoder | None, task: str, role: str,
+                  protocol: tuple[VerifyConfig, tuple[float, ...], int], folder: Path, device: torch.device,
+                  progress: bool) -> list[dict[str, Any]]:
+    """The extra attacks ``names`` of ``task`` one after another in this process (``--jobs 1``),
+    reading finished ones back; their outcomes in the order of ``names``."""
+    widened, lrs, seed = protocol
+    outcomes = []
+    for name in tqdm(names, desc=f"audit {task} attacks", unit="attack", disable=not progress or not names):
+        context = AttackContext(spec, encoder, task, role, widened, lrs, seed, device, folder / name)
+        outcomes.append(run_attack(REGISTRY[name], context, folder / f"{name}.json"))
+        _log_skipped(task, outcomes[-1])
+    return outcomes
+
+
+def _start_attacks(names: list[str], spec: str, config_dict: dict[str, Any], encoder: LoadedEncoder, task: str,
+                   role: str, protocol: tuple[VerifyConfig, tuple[float, ...], int], folder: Path,
+                   pool: ProcessPoolExecutor, device: str, threads: int) -> list[dict[str, Any] | Future[str]]:
+    """The extra attacks ``names`` of ``task`` in the pool: for each, in order, its outcome when
+    it needs no attacking (skipped, or finished on disk under this protocol), else the future of
+    the job that computes it. ``encoder`` (on the CPU) only answers whether an attack applies."""
+    widened, lrs, seed = protocol
+    found: list[dict[str, Any] | Future[str]] = []
+    for name in names:
+        context = AttackContext(spec, encoder, task, role, widened, lrs, seed, torch.device("cpu"), folder / name)
+        outcome = known_outcome(REGISTRY[name], context, folder / f"{name}.json")
+        if outcome is None:
+            found.append(pool.submit(_run_attack_job, spec, config_dict, name, task, role, widened, lrs, seed,
+                                     device, str(folder), threads))
+        else:
+            _log_skipped(task, outcome)
+            found.append(outcome)
+    return found
+
+
+def _collect_attacks(task: str, names: list[str], found: list[dict[str, Any] | Future[str]],
+                     progress: bool) -> list[dict[str, Any]]:
+    """Wait for the jobs of :func:`_start_attacks` and read their outcomes back from disk."""
+    futures = [item for item in found if isinstance(item, Future)]
+    bar = tqdm(total=len(found), initial=len(found) - len(futures), desc=f"audit {task} attacks", unit="attack",
+               disable=not progress or not found)
+    for future in as_completed(futures):
+        future.result()
+        bar.update(1)
+    bar.close()
+    outcomes = []
+    for name, item in zip(names, found):
+        if isinstance(item, Future):
+            item = read_outcome(Path(item.result()))
+            if item is None:  # written by _run_attack_job just now: only a file system failing under us gets here
+                raise OSError(f"audit: the outcome of attack {name} on {task} is missing after its job")
+        outcomes.append(item)
+    return outcomes
+
+
+def _log_skipped(task: str, outcome: dict[str, Any]) -> None:
+    if "skipped" in outcome:
+        log.info("audit %s: attack %s skipped: %s", task, outcome["attack"], outcome["skipped"])
 
 
 def _encoder_digest(spec: str, encoder: LoadedEncoder) -> str | None:

@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many rounds, round 0 included (default 3)")
     p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
                    help="start no new round after this many minutes of this call (default: no limit)")
-    p.add_argument("--jobs", type=_positive, default=1, help="attackers of a round in parallel processes (default 1)")
+    p.add_argument("--jobs", type=_positive, default=1,
+                   help="parallel processes (default 1): the attackers of a round, and each task's extra attacks "
+                        "once its search has stopped, beside each other and the next task's search")
     p.add_argument("--attacks", metavar="LIST",
                    help="comma-separated attacks to run (default: all that apply): zoo (the search beyond round 0; "
                         "round 0, plain verify, always runs), adaptive (fine-tuned from the adversarial classifier "
