@@ -7,6 +7,7 @@ attacks under test are stand-ins registered for the test, so what is tested is t
 import json
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from privenc.deploy import EXPORT_SUFFIX, export
 from privenc.encoders import all_attribute_tasks, load_encoder_spec
 from privenc.errors import CheckpointError, ConfigError
 from privenc.models import Classifier
+from privenc.verification import strongest, verify
 
 SHORT = ["verify.max_iters=6"]
 
@@ -351,13 +353,13 @@ def test_the_multiscale_attacker_trains_on_views_at_every_scale(config, tmp_path
 
 @pytest.fixture(scope="module")
 def exports(finished_run, tmp_path_factory):
-    """The finished run exported as safetensors and TorchScript (each with its contract)."""
+    """The finished run exported in every format (each with its contract)."""
     folder = tmp_path_factory.mktemp("exports")
     return {fmt: export(finished_run, fmt, folder / f"encoder{EXPORT_SUFFIX[fmt]}")
-            for fmt in ("safetensors", "torchscript")}
+            for fmt in ("safetensors", "torchscript", "onnx")}
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
 def test_an_exported_file_is_verified_on_the_config_data(finished_run, exports, config, tmp_path, fmt):
     loaded = load_encoder_spec(str(exports[fmt]), config, torch.device("cpu"))
     assert (loaded.kind, loaded.exported, loaded.run_dir, loaded.name) == ("learned", fmt, None,
@@ -380,13 +382,57 @@ def test_a_torchscript_file_without_its_contract_is_refused(exports, config, tmp
         load_encoder_spec(str(alone), config, torch.device("cpu"))
 
 
+def test_an_onnx_export_feeds_the_attackers_what_its_safetensors_twin_does(exports, config, tmp_path, device):
+    """Same encoder, same seeds: the .onnx (onnxruntime, on the CPU) and the .safetensors (torch,
+    on ``device``) give the attackers the same encodings, the multi-scale attacker's views too
+    (they are resampled to the encoder's fixed input size before encoding), and verify picks the
+    same strongest attacker with the same scores."""
+    onnx, twin = (load_encoder_spec(str(exports[fmt]), config, device) for fmt in ("onnx", "safetensors"))
+    scaled = [ScaledView(config.data, scale) for scale in (0.75, 1.25)]
+    for views in (None, scaled):
+        a, b = (encode_for_attackers(e, "g1c0", 2, 8, device, train_views=views) for e in (onnx, twin))
+        for split in ("train", "val", "test"):
+            assert a.x[split].shape == b.x[split].shape and a.x[split].shape[1:] == (3, 8, 8)
+            assert (a.x[split] - b.x[split]).abs().max() <= 1e-5 and torch.equal(a.y[split], b.y[split])
+    found = [strongest(verify(str(exports[fmt]), config, ["g1c0"], tmp_path / fmt, device=str(device),
+                              progress=False)) for fmt in ("onnx", "safetensors")]
+    (key, best), (twin_key, twin_best) = (next(iter(f.items())) for f in found)
+    assert key == ("encoder.onnx", "g1c0") and twin_key == ("encoder.safetensors", "g1c0")
+    for field in ("attacker", "seed", "iters", "val_bacc_best", "test_bacc_best", "test_acc_best"):
+        assert best[field] == pytest.approx(twin_best[field], abs=1e-6), field
+
+
+def test_an_onnx_export_without_onnxruntime_names_the_extra(exports, config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    with pytest.raises(ConfigError, match=r"needs the 'onnxruntime' package: pip install 'privenc\[export\]'"):
+        load_encoder_spec(str(exports["onnx"]), config, torch.device("cpu"))
+
+
+def test_an_onnx_file_is_checked_against_its_contract(exports, config, tmp_path):
+    copy = Path(shutil.copy(exports["onnx"], tmp_path / "encoder.onnx"))
+    contract = json.loads(Path(f"{exports['onnx']}.json").read_text())
+    contract["input"]["image_size"] = 20  # the contract of another export: its images would not fit
+    Path(f"{copy}.json").write_text(json.dumps(contract))
+    with pytest.raises(CheckpointError, match=r"input has shape \['batch', 3, 16, 16\], but its input contract "
+                                              r"says \(batch, 3, 20, 20\)"):
+        load_encoder_spec(str(copy), config, torch.device("cpu"))
+    copy.write_bytes(exports["onnx"].read_bytes()[:200])  # truncated
+    with pytest.raises(CheckpointError, match="not a loadable ONNX file"):
+        load_encoder_spec(str(copy), config, torch.device("cpu"))
+    loaded = load_encoder_spec(str(exports["onnx"]), config, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"takes \(batch, 3, 16, 16\) images, got \(2, 3, 20, 20\)"):
+        loaded.module(torch.zeros(2, 3, 20, 20))
+
+
 @pytest.mark.slow  # an audit: 10-20 s on the 2-core VM
-def test_an_audit_of_an_exported_file_runs_all_but_the_adaptive_attacker(exports, config, tmp_path):
-    result = audit(str(exports["safetensors"]), config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_an_audit_of_an_exported_file_runs_all_but_the_adaptive_attacker(exports, config, tmp_path, fmt):
+    result = audit(str(exports[fmt]), config, ["g1c0"], tmp_path / "a", max_rounds=1, progress=False)
     rows = {row["attack"]: row for row in result["verdicts"]["g1c0"]["attacks"]}
-    assert rows["adaptive"]["skipped"].startswith("an exported safetensors file holds no adversarial classifier")
+    assert rows["adaptive"]["skipped"].startswith(f"an exported {fmt} file holds no adversarial classifier")
     assert rows["zoo"]["attackers"] == 1 and rows["multiscale"]["attackers"] >= 1
-    assert "| adaptive | skipped: an exported safetensors file" in (tmp_path / "a" / "audit.md").read_text()
+    assert rows["reconstruction"]["attackers"] == 1
+    assert f"| adaptive | skipped: an exported {fmt} file" in (tmp_path / "a" / "audit.md").read_text()
 
 
 # --------------------------------------------------------------------------- every attribute

@@ -22,6 +22,7 @@ from PIL import Image
 
 from conftest import TINY, PayloadMarker
 from privenc import checkpoint as ckpt
+from privenc import deploy
 from privenc.cli import main
 from privenc.config import load_config
 from privenc.models import Encoder
@@ -206,9 +207,15 @@ def _verify(spec_of) -> callable:
     return build
 
 
-def _exported_file(tmp_path: Path, run: Path) -> str:
-    (tmp_path / "encoder.onnx").write_bytes(b"onnx bytes")
-    return str(tmp_path / "encoder.onnx")
+def _contract_file(tmp_path: Path, run: Path) -> str:
+    (tmp_path / "encoder.onnx.json").write_text("{}\n")
+    return str(tmp_path / "encoder.onnx.json")
+
+
+def _truncated_onnx(tmp_path: Path, run: Path) -> str:
+    out = deploy.export(run, "onnx", tmp_path / "encoder.onnx")
+    out.write_bytes(out.read_bytes()[:200])  # its contract beside it is intact
+    return str(out)
 
 
 def _export_over(name: str):
@@ -327,7 +334,9 @@ CATALOGUE = {
                                           r"is not a training run folder \(no encoder\.pt inside\)"),
     "verify a run that does not exist": (_verify(lambda tmp_path, run: str(tmp_path / "nope")),
                                          r"'.*nope': no such run folder or file; give a training run folder"),
-    "verify an exported file": (_verify(_exported_file), r"encoder\.onnx' is an exported file"),
+    "verify an export's contract": (_verify(_contract_file), r"encoder\.onnx\.json' is an export's input contract, "
+                                                             r"not an encoder: give the exported file beside it"),
+    "verify a truncated ONNX export": (_verify(_truncated_onnx), r"encoder\.onnx: not a loadable ONNX file"),
     "export over the run's config": (_export_over("config.toml"),
                                      r"refusing to overwrite .*config\.toml: it is not an earlier torchscript export"),
     "export over a checkpoint": (_export_over("checkpoints/last.pt"), r"refusing to overwrite .*last\.pt"),
@@ -504,7 +513,7 @@ def test_failed_verify_and_report_remove_the_folders_they_created(finished_run, 
 
 
 def test_an_export_killed_before_its_file_is_written_can_be_run_again(finished_run, tmp_path, monkeypatch):
-    from privenc import atomic, deploy
+    from privenc import atomic
     from privenc.deploy import formats
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))

@@ -268,7 +268,9 @@ usual ``data.scale_range``."""
 
 
 def _multiscale_applies(ctx: AttackContext) -> str | None:
-    return None  # any encoder takes images at any scale
+    # Every encoder, an ONNX export of fixed input size too: a ScaledView resamples each view
+    # to data.image_size before it is encoded, so only the content's scale changes.
+    return None
 
 
 def _multiscale_run(ctx: AttackContext) -> list[dict[str, Any]]:

@@ -43,8 +43,8 @@ attack that does not apply is listed with the reason. Round 0 stays what plain
 verification reports; without ``zoo`` among the attacks only round 0 of the search runs.
 
 What each encoder gets: a run folder (or its encoder.pt) every attack; an encoder file alone or
-a ``.safetensors`` / ``.torchscript.pt`` export, on the config's data, all but the adaptive
-attacker; Identity and Blur the zoo and the multi-scale attacker. ``privenc audit
+a ``.safetensors`` / ``.torchscript.pt`` / ``.onnx`` export, on the config's data, all but the
+adaptive attacker; Identity and Blur the zoo and the multi-scale attacker. ``privenc audit
 --all-attributes`` adds every attribute of the encoder's data as a task
 (:func:`privenc.encoders.all_attribute_tasks`): leakage of what it was never trained against.
 """

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validation accuracy saturates, drop the LR 10x once, saturate again, and "
                                    "report validation and test accuracy (Sec. 4.1 of the paper).")
     p.add_argument("encoder", help="a training run folder or its encoder.pt, a LEACE folder (privenc erase), a "
-                                   ".safetensors or .torchscript.pt export (on the --config data), 'identity' "
-                                   "(raw images) or 'blur' (Naive Blur)")
+                                   ".safetensors, .torchscript.pt or .onnx export (on the --config data; .onnx "
+                                   "runs in onnxruntime), 'identity' (raw images) or 'blur' (Naive Blur)")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to verify (repeatable; default: verify.tasks, else the run's private and desirable "
                         "tasks)")
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="verify encoders x tasks (the shape of Table 2), resumable",
                        description="Verify every encoder on every task; finished cells are skipped on a rerun.")
     p.add_argument("--encoders", nargs="+", required=True,
-                   help="run folders or their encoder.pt, LEACE folders (privenc erase), .safetensors or "
-                        ".torchscript.pt exports, 'identity', 'blur'")
+                   help="run folders or their encoder.pt, LEACE folders (privenc erase), .safetensors, "
+                        ".torchscript.pt or .onnx exports (on the --config data), 'identity', 'blur'")
     p.add_argument("--tasks", nargs="+", default=[],
                    help="tasks (category names or attribute:<column>; default: verify.tasks)")
     p.add_argument("--out", required=True, help="grid folder")
@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/trials and a rerun (also with a larger budget) reuses them. Exit status "
                                    "1 when --fail-above is exceeded, 2 on an error.")
     p.add_argument("encoder", help="a training run folder or its encoder.pt (every attack), a LEACE folder "
-                                   "(privenc erase; all but adaptive), a .safetensors or .torchscript.pt export "
-                                   "with --config for its data (all but adaptive), "
+                                   "(privenc erase; all but adaptive), a .safetensors, .torchscript.pt or .onnx "
+                                   "export with --config for its data (all but adaptive), "
                                    "'identity' or 'blur'")
     p.add_argument("--task", dest="tasks", action="append", default=[],
                    help="a task to audit (repeatable; default: verify.tasks, else the run's private and desirable "

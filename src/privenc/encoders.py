@@ -39,13 +39,13 @@ class LoadedEncoder:
     module: nn.Module
     config: Config          # the config that defines its data (a run's own, for learned encoders)
     run_dir: Path | None    # training run folder (its splits are reused)
-    exported: str | None = None  # the format of an exported file (``privenc export``): torchscript | safetensors
+    exported: str | None = None  # the format of an exported file (``privenc export``): onnx | torchscript | safetensors
     label: str | None = None  # how tables name an encoder that has no training run (LEACE)
 
 
-EXPORTED = {".safetensors": "safetensors", ".torchscript.pt": "torchscript"}
-"""The exported files verification loads (name suffix -> format). ONNX is not among them: it
-would need onnxruntime wrapped as a module; its source run folder or another export serves."""
+EXPORTED = {".safetensors": "safetensors", ".torchscript.pt": "torchscript", ".onnx": "onnx"}
+"""The exported files verification loads (name suffix -> format); an ONNX file runs in
+onnxruntime (:class:`privenc.deploy.onnx_encoder.OnnxEncoder`)."""
 
 
 def exported_format(path: Path) -> str | None:
@@ -66,19 +66,19 @@ def attacker_lr(encoder: LoadedEncoder) -> float:
 
 def learned_encoder_path(spec: str) -> Path:
     """The path of a learned encoder given to ``verify``, ``grid`` or ``audit`` (a training run
-    folder, its ``encoder.pt``, an encoder file, or a ``.safetensors`` / ``.torchscript.pt``
-    export); anything else is a ConfigError that says what was expected."""
+    folder, its ``encoder.pt``, an encoder file, or a ``.safetensors`` / ``.torchscript.pt`` /
+    ``.onnx`` export); anything else is a ConfigError that says what was expected."""
     path = Path(spec)
-    expected = ("give a training run folder, its encoder.pt, a .safetensors or .torchscript.pt export, a LEACE "
-                "folder (privenc erase), 'identity' or 'blur'")
+    expected = ("give a training run folder, its encoder.pt, a .safetensors, .torchscript.pt or .onnx export, a "
+                "LEACE folder (privenc erase), 'identity' or 'blur'")
     if not path.exists():
         raise ConfigError(f"encoder {spec!r}: no such run folder or file; {expected}")
     if path.is_dir() and not runs.is_finished(path):
         what = "an unfinished training run" if runs.is_run(path) else "not a training run folder"
         raise ConfigError(f"encoder {spec!r} is {what} (no {runs.ENCODER_FILE} inside); {expected}")
-    if path.is_file() and (path.suffix in (".onnx", ".json")):
-        raise ConfigError(f"encoder {spec!r} is an exported file that verification cannot load (ONNX, or an "
-                          f"export's contract); {expected}")
+    if path.is_file() and path.suffix == ".json":
+        raise ConfigError(f"encoder {spec!r} is an export's input contract, not an encoder: give the exported file "
+                          f"beside it; {expected}")
     return path
 
 
@@ -112,7 +112,7 @@ def check_tasks(data: DataConfig, tasks: list[str]) -> None:
 
 def load_encoder_spec(spec: str, config: Config, device: torch.device) -> LoadedEncoder:
     """``identity``, ``blur``, a training run folder or its encoder.pt, a LEACE folder (or its
-    encoder.pt), an encoder file, or an exported ``.safetensors`` / ``.torchscript.pt``. An encoder
+    encoder.pt), an encoder file, or an exported ``.safetensors`` / ``.torchscript.pt`` / ``.onnx``. An encoder
     in a folder brings its own data config (input size, split) and reuses the folder's splits;
     an encoder file alone is verified on ``config``'s data, which must have its input size, and
     an exported file likewise (also its load size, as its input contract says). Verification
@@ -143,8 +143,9 @@ def load_encoder_spec(spec: str, config: Config, device: torch.device) -> Loaded
 
 def _load_exported(spec: str, path: Path, config: Config, device: torch.device) -> LoadedEncoder:
     """An exported encoder, verified on ``config``'s data, which must follow its input contract
-    (image_size and load_size): the contract says how the deployed encoder's images are made."""
-    from privenc.deploy import contract_path, load_safetensors
+    (image_size and load_size): the contract says how the deployed encoder's images are made.
+    A safetensors file holds its contract; TorchScript and ONNX files have theirs beside them."""
+    from privenc.deploy import contract_path, load_onnx, load_safetensors
 
     fmt = exported_format(path)
     if fmt == "safetensors":
@@ -155,12 +156,16 @@ def _load_exported(spec: str, path: Path, config: Config, device: torch.device) 
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: its input contract {contract_path(path)} is missing or unreadable "
                                   f"({type(err).__name__}: {err}); export it again with privenc export") from None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; still the portable format
-                module = torch.jit.load(str(path), map_location=device).eval()
-        except (RuntimeError, ValueError, OSError) as err:
-            raise CheckpointError(f"{path}: not a loadable TorchScript file (truncated or corrupt?): {err}") from None
+        if fmt == "onnx":
+            module = load_onnx(path, contract)  # runs on the CPU and hands back encodings on the input's device
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; still portable
+                    module = torch.jit.load(str(path), map_location=device).eval()
+            except (RuntimeError, ValueError, OSError) as err:
+                raise CheckpointError(f"{path}: not a loadable TorchScript file (truncated or corrupt?): "
+                                      f"{err}") from None
     try:
         sizes = {key: int(contract["input"][key]) for key in ("image_size", "load_size")}
     except (KeyError, TypeError, ValueError) as err:

@@ -6,7 +6,8 @@ leave the device), so it must be usable away from the training code:
 - :func:`encode` turns a folder or CSV list of images into sharded ``.npy`` encodings plus a
   manifest, resumably (finished shards are kept and skipped on a rerun);
 - :func:`export` writes a standalone ONNX, TorchScript or safetensors encoder with its input
-  contract in a JSON file beside it.
+  contract in a JSON file beside it; :func:`load_onnx` runs an ONNX one in onnxruntime as a
+  module, so that verification can attack the deployed file itself.
 
 Both apply the encoder in eval mode: its per-location batch norms use their running
 statistics, so an encoding is a fixed function of one image, independent of the batch it
@@ -32,10 +33,11 @@ from privenc.deploy.contract import (
     open_encoder,
 )
 from privenc.deploy.formats import EXPORT_SUFFIX, EXPORT_TOLERANCE, FORMATS, ONNX_OPSET, export
+from privenc.deploy.onnx_encoder import OnnxEncoder, load_onnx
 from privenc.deploy.shards import ENCODE_FILE, MANIFEST_FILE, PREVIEW_DIR, SHARD_DTYPE, encode, list_inputs
 
 __all__ = [
     "CONTRACT_KEY", "Deployable", "ENCODE_FILE", "EXPORT_SUFFIX", "EXPORT_TOLERANCE", "FORMATS", "MANIFEST_FILE",
-    "ONNX_OPSET", "PREVIEW_DIR", "SHARD_DTYPE", "contract_path", "encode", "export", "file_sha256",
-    "input_contract", "list_inputs", "load_safetensors", "open_encoder",
+    "ONNX_OPSET", "OnnxEncoder", "PREVIEW_DIR", "SHARD_DTYPE", "contract_path", "encode", "export", "file_sha256",
+    "input_contract", "list_inputs", "load_onnx", "load_safetensors", "open_encoder",
 ]
