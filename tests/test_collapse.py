@@ -20,6 +20,11 @@ def test_output_variance_counts_collapsed_and_low_variance_elements():
     assert stats["collapse_zero_var_frac"] == pytest.approx(0.1)
     assert stats["collapse_low_var_frac"] == pytest.approx(0.2)
     assert stats["output_var_mean"] == pytest.approx(0.8 + 0.025, abs=0.05)  # atanh undoes the squashing
+    assert output_variance(pre_tanh, pre_tanh=True) == pytest.approx(stats, abs=0.05)
+
+    pre_tanh[:5, 2] = 30.0  # rare large values: atanh of a float32 tanh cannot see them, the direct measure can
+    assert output_variance(pre_tanh, pre_tanh=True)["output_var_mean"] > output_variance(torch.tanh(pre_tanh))[
+        "output_var_mean"] + 0.01
 
 
 def _images(n: int, generator: torch.Generator) -> torch.Tensor:

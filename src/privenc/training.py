@@ -305,12 +305,13 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
     return encoder_path
 
 
-def recalibrate_encoder(encoder: nn.Module, data: TaskData, config: Config, device: torch.device,
+def recalibrate_encoder(encoder: Encoder, data: TaskData, config: Config, device: torch.device,
                         val_images: list[torch.Tensor]) -> dict[str, float]:
     """Re-estimate the encoder's normalization statistics on ``train.recalibrate_images``
     training images (a random sample drawn with data.seed) through the evaluation view, the
     view verification and deployment encode (:func:`privenc.norms.recalibrate`); return the
-    collapse diagnostics of the result on the validation images, with the sample's size."""
+    collapse diagnostics of the result on ``val_images`` (pre-tanh values, measured directly),
+    with the sample's size."""
     t = config.train
     dataset = data.uint8_dataset("train")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data.seed))
@@ -325,8 +326,9 @@ def recalibrate_encoder(encoder: nn.Module, data: TaskData, config: Config, devi
             yield x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
 
     count = recalibrate(encoder, batches)
-    with torch.no_grad():
-        result = output_variance(torch.cat([encoder(x) for x in val_images])) if val_images else {}
+    with torch.no_grad():  # the values the tanh receives, measured directly (the Encoder ends in it)
+        result = output_variance(torch.cat([encoder.layers[:-1](x) for x in val_images]), pre_tanh=True) \
+            if val_images else {}
     result = {"images": count, **{f"val_{k}": round(v, 6) for k, v in result.items()}}
     log.info("normalization statistics re-estimated on %d training images (evaluation view); validation: "
              "%s", count, ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "images"))
