@@ -232,7 +232,7 @@ def table2(runs: list[dict[str, Any]], records: list[dict[str, Any]],
             shown = r if audit is None else {  # the worst case, on the same test images
                 "test_acc_best": audit["test_acc"], "saturated": audit["saturated"], "n_test": audit["n_test"],
                 "test_bacc_best": audit["test_bacc"], "test_bacc_ci95": [audit["test_bacc_lo"], audit["test_bacc_hi"]]}
-            star = "" if shown["saturated"] else "*"
+            star = "*" if shown["saturated"] is False else ""  # an extra attack's record may not say
             shown_lo, shown_hi = shown.get("test_bacc_ci95") or (None, None)
             balanced = ("" if shown_lo is None
                         else f"; bal. {shown['test_bacc_best']:.3f} [{shown_lo:.3f}, {shown_hi:.3f}]")
