@@ -70,3 +70,86 @@ def test_reproduce_restarts_a_run_that_failed_before_its_first_checkpoint_and_re
     assert "--out" in trains[str(failed)] and "--config" in trains[str(failed)] and not failed.exists()
     # privenc train refuses --config with --resume (the run's own config.toml is what resumes)
     assert "--resume" in trains[str(started)] and "--config" not in trains[str(started)]
+
+
+def _planned(monkeypatch, capsys, argv: list[str]) -> tuple[list[list[str]], str]:
+    """The commands reproduce.py prints with --dry-run (each split as a shell would), and its output."""
+    import shlex
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", *argv, "--dry-run"])
+    _module().main()
+    out = capsys.readouterr().out
+    return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("$ ")], out
+
+
+def _option(words: list[str], flag: str) -> str:
+    return words[words.index(flag) + 1]
+
+
+def test_dry_run_plans_every_table1_seed_its_grid_audits_and_report(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "repro"
+    commands, text = _planned(monkeypatch, capsys, ["--out", str(out), "--tasks", "g1c0", "g1c1", "g1c2",
+                                                    "--seeds", "0", "1", "--tables", "table1", "--audit-rounds", "1",
+                                                    "--jobs", "3"])
+    steps = [words[1] for words in commands]
+    assert steps == ["train"] * 6 + ["grid"] + ["audit"] * 6 + ["report"]
+    trains = {Path(_option(w, "--out")).name: w for w in commands if w[1] == "train"}
+    # negative CE gets its seeds too; no Table 2 or ablation encoder is asked for
+    assert set(trains) == {"label_flip", "standard_gan", "negative_ce",
+                           "label_flip-seed1", "standard_gan-seed1", "negative_ce-seed1"}
+    for name, words in trains.items():
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert f"train.seed={1 if name.endswith('-seed1') else 0}" in sets, name
+        assert f"train.encoder_loss=\"{name.split('-')[0]}\"" in sets, name
+    grid = commands[6]
+    assert _option(grid, "--out") == str(out / "grid")
+    assert {str(out / "runs" / name) for name in trains} | {"identity", "blur"} <= set(grid)
+    audits = {Path(_option(w, "--out")).name: w for w in commands if w[1] == "audit"}
+    assert set(audits) == set(trains)
+    for name, words in audits.items():  # the run folder, its private task, the budget, the jobs
+        assert words[2] == str(out / "runs" / name)
+        assert [_option(words, flag) for flag in ("--task", "--max-rounds", "--jobs")] == ["g1c0", "1", "3"]
+        assert _option(words, "--out") == str(out / "audits" / name)
+    report = commands[-1]
+    assert {str(out / "audits" / name) for name in trains} | {str(out / "grid")} <= set(report)
+    assert _option(report, "--out") == str(out / "report")
+    assert not out.exists() and "nothing was run" in text  # a dry run writes nothing
+
+
+def test_without_audit_rounds_no_audit_is_planned_and_the_ablation_takes_its_own_seeds(tmp_path, monkeypatch,
+                                                                                         capsys):
+    commands, _ = _planned(monkeypatch, capsys, ["--out", str(tmp_path), "--tasks", "g1c0", "g1c1", "g1c2",
+                                                 "--seeds", "0", "1", "--tables", "table2", "ablation",
+                                                 "--ablation-seeds", "0"])
+    assert "audit" not in [w[1] for w in commands]
+    names = [Path(_option(w, "--out")).name for w in commands if w[1] == "train"]
+    # Table 2 (-A +B, -A +B,C, -A variance only) for both seeds; the ablation's other norms for seed 0 only
+    assert sorted(names) == sorted(["label_flip", "keep_g1c1_g1c2", "variance_per_location",
+                                    "label_flip-seed1", "keep_g1c1_g1c2-seed1", "variance_per_location-seed1",
+                                    "variance_none", "variance_batch", "variance_per_location_affine"])
+
+
+def test_attribute_tasks_give_folder_names_and_two_tasks_leave_out_the_c_row(tmp_path, monkeypatch, capsys):
+    runs = _module().runs("attribute:gender", "attribute:smiling", "attribute:expression", seeds=[0])
+    assert "keep_attribute-smiling_attribute-expression" in runs
+    assert all(":" not in name and "/" not in name for name in runs)
+    commands, text = _planned(monkeypatch, capsys, ["--out", str(tmp_path), "--tasks", "attribute:gender",
+                                                    "attribute:smiling", "--tables", "table2"])
+    names = [Path(_option(w, "--out")).name for w in commands if w[1] == "train"]
+    assert names == ["label_flip", "variance_per_location"]
+    assert "-A +B,C encoder of Table 2 is left out" in text
+    assert _option(commands[-2], "--tasks") == "attribute:gender"  # the grid verifies both tasks
+
+
+def test_reproduce_refuses_a_single_task_and_an_unknown_run(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    for argv, message in ((["--tasks", "g1c0"], "at least A (private) and B"),
+                          (["--tasks", "g1c0", "g1c1", "--only", "keep_g1c1_g1c2"], "unknown runs")):
+        monkeypatch.setattr(sys, "argv", ["reproduce.py", "--out", str(tmp_path), *argv, "--dry-run"])
+        with pytest.raises(SystemExit):
+            _module().main()
+        assert message in capsys.readouterr().err

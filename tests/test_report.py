@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TINY
 from privenc.config import load_config
-from privenc.report import build_report
+from privenc.report import AUDIT_COLUMNS, build_report
 from privenc.runs import read_metrics, write_config
 from privenc.training import train
 
@@ -86,7 +86,8 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
     columns, rows = _csv(out / "report_table1.csv")
     assert columns == ["run", "encoder", "encoder_loss", "task", "within_training_val", "verified_val",
                        "verified_test", "verified_test_ci95", "verified_saturated", "verified_val_bacc",
-                       "verified_test_bacc", "verified_test_bacc_lo", "verified_test_bacc_hi", "majority_rate"]
+                       "verified_test_bacc", "verified_test_bacc_lo", "verified_test_bacc_hi", "majority_rate",
+                       *AUDIT_COLUMNS]
     assert len(rows) == len(saved["table1"]) == 1
     for row, expected in zip(rows, saved["table1"]):
         for column in columns:
@@ -97,7 +98,7 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
 
     columns, rows = _csv(out / "report_table2.csv")
     assert columns == ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
-                       "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance"]
+                       "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance", *AUDIT_COLUMNS]
     cells = {(r["encoder"], r["task"]): r for r in rows}
     assert set(cells) == {("identity", "g1c0"), ("one", "g1c0"), ("one", "g1c1")}
     for table_row in saved["table2"]:
@@ -110,7 +111,7 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
 
     columns, rows = _csv(out / "report_ablation.csv")
     assert columns == ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test",
-                       "test_zero_var", "test_low_var"]
+                       "test_zero_var", "test_low_var", "audit_private_test"]
     (row,), (expected,) = rows, saved["ablation"]
     assert row["private_task"] == "g1c0"
     for key in ("zero_var", "low_var", "private_test", "desirable_test", "test_zero_var", "test_low_var"):

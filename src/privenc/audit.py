@@ -103,6 +103,8 @@ LR_LADDER = (1e-3, 1e-4, 1e-5)
 MAX_VIEWS = 8
 """Views stop doubling here: more views cost memory linearly (Identity caches raw images)."""
 PLAN_FILE = "plan.json"
+AUDIT_FILE = "audit.json"
+"""The verdicts of a finished audit (what ``privenc report`` reads of an audit folder)."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     for task, v in verdicts.items():
         name = f"audit_{task.replace('/', '-')}.png"  # as the trials' and attacks' folders name tasks
         v["figure"] = audit_figure(v, encoder.label or encoder.name, out_dir / name).name
-    atomic_write_text(out_dir / "audit.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out_dir / AUDIT_FILE, json.dumps(result, indent=1) + "\n")
     atomic_write_text(out_dir / "audit.md", audit_markdown(result))
     return result
 

@@ -239,8 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and figures from run, grid and sweep folders",
                        description="Build Table 1, Table 2, the normalization ablation, Figure 1 and Figure 3 "
                                    "from run folders alone (report.md, report.json, a CSV per table, PNGs); for a "
-                                   "sweep folder (sweep.json) also its table and privacy-utility front, redrawn.")
-    p.add_argument("inputs", nargs="+", help="training run, verify, grid or sweep folders (searched recursively)")
+                                   "sweep folder (sweep.json) also its table and privacy-utility front, redrawn. "
+                                   "Runs that differ only in train.seed are one configuration: with several seeds "
+                                   "the tables show the mean ± sd over seeds and a per-seed table "
+                                   "(report_seeds.csv) every seed's number with its interval. An audit folder "
+                                   "(audit.json) puts the audit's worst case in its run's private-task cells, "
+                                   "marked †; report.json keeps plain verification's number beside it.")
+    p.add_argument("inputs", nargs="+",
+                   help="training run, verify, grid, sweep or audit folders (searched recursively)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)
