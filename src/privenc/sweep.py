@@ -242,8 +242,11 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
     from privenc.training import train, train_worker
 
     world = world or distributed.World()
-    left = distributed.from_main(world, [(i, runs.has_checkpoint(run.run_dir)) for i, run in enumerate(planned)
-                                         if not runs.is_finished(run.run_dir)] if world.is_main else None)
+    left = None  # (index, whether it resumes) of each run without an encoder, as rank 0 finds them
+    if world.is_main:
+        left = [(i, runs.has_checkpoint(run.run_dir)) for i, run in enumerate(planned)
+                if not runs.is_finished(run.run_dir)]
+    left = distributed.from_main(world, left)
     todo = [planned[i] for i, _ in left]
     resume = {planned[i].run_dir: has_checkpoint for i, has_checkpoint in left}
     if device != "auto":
