@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "1/K, y = the desirable task's test balanced accuracy minus Identity's, both in points, from "
                     "the strongest verification attacker; each configuration is the mean over seeds (error bars: "
                     "min-max); the front joins the configuration means that no other mean beats on both axes "
-                    "(lower x, higher y).")
+                    "(lower x, higher y). Under torchrun (torchrun --nproc_per_node N -m privenc sweep ...) every "
+                    "rank takes part in every training, data-parallel as privenc train (train.batch_size is the "
+                    "global batch, divisible by N), one run after another; each rank then verifies its share of "
+                    "the grid's cells and waits for the others; rank 0 alone writes the run folders and results "
+                    "and audits the front.")
     p.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="values to sweep (repeatable; each value parsed like --set, commas inside [...] kept), "
                         "e.g. --vary train.alpha=0.1,0.5,1 --vary train.encoder_loss=label_flip,standard_gan; not "
@@ -176,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-rounds", type=_positive, default=2,
                    help="the audit's --max-rounds, round 0 included (default 2)")
     p.add_argument("--jobs", type=_positive, default=1,
-                   help="processes in parallel: trainings, then verification cells, then audit attackers (default 1)")
+                   help="processes in parallel: trainings, then verification cells, then audit attackers (default "
+                        "1); under torchrun the trainings use the ranks instead, and --jobs applies to each rank's "
+                        "cells and the audit")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_args(p)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,6 +85,30 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+SLOW_WAIT = timedelta(days=7)
+"""How long :func:`wait_for_all` waits for the last rank: far beyond any share of a grid."""
+
+
+def wait_for_all(world: World, timeout: timedelta = SLOW_WAIT) -> None:
+    """A barrier for ranks that arrive hours apart (after a sweep's grid, each rank has run its
+    own share of cells). It runs on a gloo group of its own with a ``timeout`` far beyond the
+    default group's (30 minutes with gloo, 10 with NCCL), which training keeps, so a rank that
+    truly hangs in a training step still fails. A rank that dies makes torchrun stop the others."""
+    if not world.distributed:
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def group_open() -> bool:
+    """Whether this process is in a process group (then batch norms in training mode
+    all-reduce their statistics with the other ranks: norms.py)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def teardown(world: World) -> None:
     """Leave the process group that :func:`setup` joined (one a caller joined is left to it).
     Every rank calls it after its last collective: a rank that exits with the group still open
@@ -100,6 +125,16 @@ def gather_objects(world: World, obj):
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(world: World, obj):
+    """Rank 0's ``obj`` on every rank: what the ranks must agree on (which runs a sweep still
+    trains) is decided once, not read from a shared folder by each rank on its own."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def data_parallel(players: Players, world: World, device: torch.device) -> tuple[Players, Players]:

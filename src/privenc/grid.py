@@ -3,7 +3,8 @@
 Every cell is one ``verify`` call written to ``GRID/cells/<encoder>__<task>/verify.json``. A
 cell counts as done only when that file exists, and it is written atomically, so a rerun
 skips finished cells and redoes interrupted ones. Cells run in parallel processes
-(``jobs``); under torchrun they are also spread over ranks (cell i runs on rank i mod world).
+(``jobs``); under torchrun they are also spread over ranks (cell i runs on rank i mod world),
+each rank working alone: a cell is never run inside a process group (see :func:`run_grid`).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     cells = [(spec, task) for spec in encoders for task in tasks]
     config_dict = config.to_dict()
     check_same_config(out_dir, config_dict)
-    atomic_write_text(out_dir / "grid.json",
-                      json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
+    if rank == 0:  # written once; every rank has checked it above
+        atomic_write_text(out_dir / "grid.json",
+                          json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
     todo = [(i, spec, task) for i, (spec, task) in enumerate(cells)
             if i % world == rank and not _cell_done(cell_dir(out_dir, spec, task))]
     # Longest first: attackers on raw images (Identity) cost several times a cell on encodings;
@@ -71,11 +73,15 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
     skipped = sum(1 for i in range(len(cells)) if i % world == rank) - len(todo)
     log.info("grid: %d cells, %d already done, %d to run on rank %d/%d with %d job(s)",
              len(cells), skipped, len(todo), rank, world, jobs)
-    if jobs <= 1:
+    # A process in a process group (a sweep under torchrun keeps the one of its trainings) runs
+    # its cells in spawned processes, which are in none: here the attackers' batch norms would
+    # all-reduce with the other ranks' unrelated cells, mixing their statistics, and hang as soon
+    # as the ranks' shares differ.
+    if jobs <= 1 and not distributed.group_open():
         for _, spec, task in todo:
             _run_cell(spec, task, config_dict, str(cell_dir(out_dir, spec, task)), device, torch.get_num_threads())
     elif todo:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = torch.get_num_threads() if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, spec, task, config_dict, str(cell_dir(out_dir, spec, task)),
                                    device, threads): (spec, task) for _, spec, task in todo}

@@ -25,6 +25,11 @@ and reference is measured on the same test images. A configuration is the mean o
 its spread is the min-max range (std is also recorded). The front is drawn through
 configuration means, never through single seeds, so a lucky seed cannot put a configuration on
 it.
+
+Under torchrun the ranks do not split the runs: every rank takes part in every training
+(data-parallel, as ``privenc train`` under torchrun), one run after another, rank 0 deciding
+which runs are left; then each rank verifies its share of the grid's cells, outside the process
+group, and waits for the others; rank 0 alone reduces, audits and writes (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -228,18 +233,32 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
     time in spawned processes, or one after another, data-parallel over the ranks, under
     torchrun; returns how many were trained. One bar counts the finished runs. ``device``
     (unless auto) replaces train.device: where a run trains is not part of what it is, so the
-    grid's config and a rerun elsewhere stay the same sweep."""
+    grid's config and a rerun elsewhere stay the same sweep.
+
+    Under torchrun every rank takes part in every training, so the ranks must agree on which
+    runs are left and which resume: rank 0 looks at the folders and tells the others (a rank
+    reading a shared folder a moment later, or through another node's cache, could see another
+    state and wait in a training the others skipped)."""
     from privenc.training import train, train_worker
 
     world = world or distributed.World()
-    todo = [run for run in planned if not runs.is_finished(run.run_dir)]
+    left = None  # (index, whether it resumes) of each run without an encoder, as rank 0 finds them
+    if world.is_main:
+        left = [(i, runs.has_checkpoint(run.run_dir)) for i, run in enumerate(planned)
+                if not runs.is_finished(run.run_dir)]
+    left = distributed.from_main(world, left)
+    todo = [planned[i] for i, _ in left]
+    resume = {planned[i].run_dir: has_checkpoint for i, has_checkpoint in left}
     if device != "auto":
         todo = [dataclasses.replace(run, config=dataclasses.replace(
             run.config, train=dataclasses.replace(run.config.train, device=device))) for run in todo]
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), desc="sweep runs", unit="run",
                disable=not (progress and world.is_main), dynamic_ncols=True)
-    log.info("sweep: %d runs, %d already trained, %d to train%s", len(planned), len(planned) - len(todo), len(todo),
-             f", {min(jobs, len(todo))} in parallel" if jobs > 1 and len(todo) > 1 and not world.distributed else "")
+    if world.is_main:
+        how = (f", each data-parallel over {world.size} ranks" if world.distributed and todo
+               else f", {min(jobs, len(todo))} in parallel" if jobs > 1 and len(todo) > 1 else "")
+        log.info("sweep: %d runs, %d already trained, %d to train%s", len(planned), len(planned) - len(todo),
+                 len(todo), how)
     if jobs > 1 and len(todo) > 1 and not world.distributed:
         # One process per run, the cores shared: small convolutions use one core well, several poorly.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
@@ -252,7 +271,7 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
                 bar.update(1)
     else:
         for run in todo:
-            train(run.config, run.run_dir, resume=runs.has_checkpoint(run.run_dir), progress=False)
+            train(run.config, run.run_dir, resume=resume[run.run_dir], progress=False)
             bar.update(1)
     bar.close()
     return len(todo)
@@ -376,18 +395,25 @@ def run_sweep(source: str | None, overrides: list[str], vary_flags: list[str], s
             learned_encoder_path(spec)  # a missing or unfinished reference fails now, naming it
     runs.refuse_run_folder(out_dir, "sweep")
     ensure_writable(out_dir)
+    ranks = distributed.launched().size
     for run in planned:
         check_run_folder(run)
+        if run.config.train.batch_size % ranks:
+            raise ConfigError(f"{run.name}: train.batch_size {run.config.train.batch_size} is the global batch, "
+                              f"shared by the {ranks} torchrun ranks, and is not divisible by {ranks}; give a "
+                              f"multiple of {ranks} with --set, or run on another number of ranks")
     check_same_config(out_dir / "grid", base.to_dict())
 
-    # ---- train, then verify runs and references (under torchrun: each run data-parallel, the
-    # grid's cells spread over the ranks; the process group is joined once for both)
-    world = distributed.setup(base.train.device)
+    # ---- train, then verify runs and references. Under torchrun every rank takes part in every
+    # training (data-parallel, as `privenc train`), one run after another; then each rank runs its
+    # share of the grid's cells alone (in spawned processes: grid.run_grid says why) and waits for
+    # the others, however long their cells take, before rank 0 reads them all.
+    world = distributed.setup(device if device != "auto" else base.train.device)
     try:
         train_runs(planned, jobs, progress, world, device)
         run_grid([str(run.run_dir) for run in planned] + references, tasks, base, out_dir / "grid", jobs=jobs,
                  device=device)
-        distributed.barrier(world)  # every rank's cells are written before rank 0 reads them
+        distributed.wait_for_all(world)
     finally:
         distributed.teardown(world)
     if not world.is_main:
