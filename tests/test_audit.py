@@ -13,7 +13,7 @@ import pytest
 
 import privenc.audit as audit_module
 from conftest import TINY
-from privenc.audit import LR_LADDER, audit, round_trials
+from privenc.audit import LR_LADDER, audit, converged, round_trials
 from privenc.cli import main
 from privenc.config import ATTACKERS, load_config
 from privenc.errors import ConfigError, DataError
@@ -189,3 +189,13 @@ def test_identity_is_quoted_from_a_verify_folder(copy, monkeypatch, tmp_path):
     assert "Identity 93.0%" in (out / "audit.md").read_text()
     with pytest.raises(ConfigError, match="no Identity records for g1c1"):
         audit("blur", config, ["g1c0", "g1c1"], out, identity=str(folder), progress=False)
+
+
+def test_a_rise_of_exactly_the_margin_is_not_convergence():
+    # Measured (an audit of the demo's negative-CE encoder): best validation scores 0.7100000083446503
+    # then 0.7199999988079071, a rise of exactly 1 point that read as "less than 1 point".
+    rise = 0.7199999988079071 - 0.7100000083446503
+    assert rise < 0.01
+    assert not converged(rise, 1.0)
+    assert converged(0.0099, 1.0)
+    assert converged(0.0, 0.5) and not converged(0.006, 0.5)

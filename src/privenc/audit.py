@@ -124,6 +124,13 @@ class Trial:
         return f"r{self.round}_{self.family}_lr{self.lr:g}_s{self.seed}"
 
 
+def converged(rise: float, margin: float) -> bool:
+    """Whether a round's rise of the best validation balanced accuracy (a fraction) is less
+    than ``margin`` points. Scores are float32 fractions of whole images, so a rise of exactly
+    the margin (3 more right of 300) can come out a hair below it; that is not less."""
+    return rise < margin / 100 - 1e-6
+
+
 def attack_protocol(settings: VerifyConfig, lr: float, k: int) -> tuple[VerifyConfig, tuple[float, ...], int]:
     """(settings, learning rates, seed) of the extra attacks after a search whose widest round
     was ``k``: that round's patience, views, iteration cap and learning rates (at least round
@@ -315,7 +322,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                                "best_val_bacc": best, "rise": rise})
                 log.info("audit %s round %d: best validation balanced accuracy %.3f%s", task, k, best,
                          "" if rise is None else f" (rose {100 * rise:.2f} points)")
-                if rise is not None and rise < margin / 100:
+                if rise is not None and converged(rise, margin):
                     stopped_by = "margin"
                     break
             searches[task] = (role, records, rounds, stopped_by)
