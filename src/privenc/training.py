@@ -313,11 +313,9 @@ def recalibrate_encoder(encoder: Encoder, data: TaskData, config: Config, device
     collapse diagnostics of the result on ``val_images`` (pre-tanh values, measured directly),
     with the sample's size."""
     t = config.train
-    dataset = data.uint8_dataset("train")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data.seed))
-    chosen = order[:t.recalibrate_images].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=256, shuffle=False)
-    cached = [images for images, _ in loader]  # uint8, read once: recalibrate passes over them per layer
+    # uint8, read once: recalibrate passes over them once per layer
+    cached = [images for images, _ in _seeded_sample(data.uint8_dataset("train"), t.recalibrate_images, 256,
+                                                     config.data.seed)]
     view = BatchTransform(config.data, augment=False)
 
     def batches():
@@ -361,11 +359,15 @@ def _validation_batches(data: TaskData, batch_size: int, count: int, seed: int =
     dataset = data.dataset("val", augment=False)
     if len(dataset) == 0:
         raise TrainingError("the validation split is empty: adjust data.split")
+    return list(_seeded_sample(dataset, count * batch_size, batch_size, seed))
+
+
+def _seeded_sample(dataset, count: int, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """Batches of ``count`` images of ``dataset`` (all, if it holds fewer) drawn at random once
+    with ``seed``, in a fixed order."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    chosen = order[:count * batch_size].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=batch_size,
-                                         shuffle=False)
-    return list(loader)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order[:count].tolist()),
+                                       batch_size=batch_size, shuffle=False)
 
 
 def logged_values(stats: dict[str, torch.Tensor]) -> dict[str, float]:
