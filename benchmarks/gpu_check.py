@@ -80,6 +80,13 @@ SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
 SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}
 """Fractions of --budget; unused time passes on to the next section."""
 DEFAULT_BUDGET = 480.0
+
+
+def shares(sections: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """The selected sections' fractions of --budget, rescaled to add up to 1: a run of some
+    sections gives them the whole budget, as a run of all gives all."""
+    total = sum(SHARES[name] for name in sections)
+    return {name: SHARES[name] / total for name in sections}
 """Seconds: leaves room in a 600 s device call for start-up, import and the files' return."""
 
 BF16_DENSE_PEAK = (
@@ -769,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         for number, name in enumerate(SECTIONS, 1):
             if name not in args.sections:
                 continue
-            limit = SHARES[name] * args.budget + saved
+            limit = shares(args.sections)[name] * args.budget + saved
             record: dict[str, Any] = {"status": "running", "limit_s": round(limit, 1)}
             report.data["sections"][name] = state[name] = record
             report.save()

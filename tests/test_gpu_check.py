@@ -99,9 +99,22 @@ def test_gpu_check_dry_run_runs_every_section_and_writes_its_numbers(tmp_path):
 
 @pytest.mark.slow  # starts a process
 def test_gpu_check_records_a_section_cut_by_its_time_limit(tmp_path):
-    # 3 s in all: the step section gets about 1 s and cannot time a variant for 30.
+    # 3 s in all, all of it the step section's: it cannot time a variant for 30.
     done = _gpu_check(tmp_path / "out", "--sections", "step", "--budget", "3", "--seconds", "30")
     assert done.returncode == 1
     report = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert report["sections"]["step"]["status"] == "cut" and report["sections"]["step"]["seconds"] < 10
     assert "## 2. step: cut" in (tmp_path / "out" / "gpu.md").read_text()
+
+
+
+@pytest.mark.slow  # starts a process
+def test_the_selected_sections_share_the_whole_budget(tmp_path):
+    # A run of the smoke alone once gave it 28% of --budget and cut it (device run, 2026-11-30).
+    done = _gpu_check(tmp_path / "out", "--sections", "loader,attackers", "--budget", "50")
+    assert done.returncode == 0, done.stderr
+    limits = {name: record["limit_s"]
+              for name, record in json.loads((tmp_path / "out" / "gpu.json").read_text())["sections"].items()}
+    assert set(limits) == {"loader", "attackers"}
+    assert 23 < limits["loader"] < 24.5  # 50 x 0.07 / (0.07 + 0.08)
+    assert limits["attackers"] >= 50 * 0.08 / 0.15  # its share and what the loader left
