@@ -1,6 +1,8 @@
 """Adversarial training: the two steps, the loop, checkpoints and exact resume."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from privenc.config import load_config
 from privenc.errors import TrainingError
 from privenc.models import Classifier, Encoder
 from privenc.runs import load_encoder
-from privenc.training import desirable_target, encoder_lr, train
+from privenc.training import compile_encoder, desirable_target, encoder_lr, train
 
 
 def _players(config, device="cpu"):
@@ -92,8 +94,6 @@ def test_resume_is_exact(tiny_config, tmp_path, device):
     tiny_config = on_device(tiny_config, device)
     train(tiny_config, tmp_path / "straight", progress=False)
     # the same run, stopped after 4 steps (a checkpoint), then resumed to the end
-    from dataclasses import replace
-
     stopped = replace(tiny_config, train=replace(tiny_config.train, iters=1))  # 3 warm-up + 1 = 4 steps
     train(stopped, tmp_path / "resumed", progress=False)
     (tmp_path / "resumed" / "config.toml").write_text(tiny_config.to_toml())
@@ -375,3 +375,36 @@ def test_resume_across_a_reset_is_exact(tiny_config, tmp_path, monkeypatch):
     for index, state in a["classifier_optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, b["classifier_optimizer"]["state"][index][key]), f"optimizer {index}.{key}"
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="torch.compile on a CPU needs a C compiler")
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_encoder_steps_move_the_plain_module_as_eager_steps_do(tiny_config, device):
+    # train.compile: both sides share one compiled wrapper over the plain encoder, whose
+    # parameters the optimizer holds; a step through it equals an eager step.
+    eager, compiled = _players(tiny_config, device), _players(tiny_config, device)
+    classifier_side, encoder_side = compile_encoder(compiled, compiled)
+    assert classifier_side.encoder is encoder_side.encoder and classifier_side.encoder is not compiled.encoder
+    assert classifier_side.private_classifiers is compiled.private_classifiers
+    images, labels = _batch(device)
+    for players, side in ((eager, eager), (compiled, encoder_side)):
+        opt = torch.optim.SGD(players.encoder.parameters(), lr=0.1)
+        encoder_step(side, opt, images, labels, labels[:, 0], "label_flip", alpha=0.0625)
+    assert _changed(_params(_players(tiny_config, device).encoder), compiled.encoder)
+    for (name, a), b in zip(eager.encoder.state_dict().items(), compiled.encoder.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_training_writes_a_plain_encoder_file(tiny_config, tmp_path):
+    config = replace(tiny_config, train=replace(tiny_config.train, compile=True))
+    path = train(config, tmp_path / "run", progress=False)
+    # load_encoder loads strictly: a compiled wrapper's "_orig_mod." names would not load
+    encoder = load_encoder(path)
+    assert set(encoder.state_dict()) == set(Encoder(config.encoder, config.data.image_size).state_dict())
+    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 9

@@ -162,8 +162,13 @@ class TrainConfig:
     """bf16 autocast on GPU."""
     channels_last: bool = False
     """Channels-last memory format for the networks and their inputs, on any device. It depends
-    on the shapes: on a CPU it helps the demo's small maps and hurts the paper preset's
-    (benchmarks/layout.py, docs/performance.md), so presets turn it on where it was measured."""
+    on the shapes and the device: on a CPU it helps the demo's small maps and hurts the paper
+    preset's, on a GPU it helps the paper preset's (benchmarks/layout.py, benchmarks/gpu_check.py,
+    docs/performance.md), so presets turn it on where it was measured."""
+    compile: bool = False
+    """torch.compile the encoder for the training steps (validation, re-estimated statistics and
+    the saved file use the plain module). Its first steps pay the compilation (about 45 s for the
+    paper preset on a GPU); the paper preset turns it on, where a GPU measured it faster."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ What the run folder holds, and how it is read back, is :mod:`privenc.runs`."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -232,6 +233,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
         if t.channels_last:
             module.to(memory_format=torch.channels_last)
     classifier_side, encoder_side = distributed.data_parallel(players, world, device)
+    if t.compile:
+        classifier_side, encoder_side = compile_encoder(classifier_side, encoder_side)
     if world.distributed:
         torch.manual_seed(t.seed * 7919 + world.rank)  # augmentations differ between ranks
 
@@ -334,6 +337,20 @@ def recalibrate_encoder(encoder: Encoder, data: TaskData, config: Config, device
 
 
 # --------------------------------------------------------------------------- helpers of the loop
+
+
+def compile_encoder(*sides: Players) -> list[Players]:
+    """Each side with its encoder (a plain module or its DDP wrapper) behind torch.compile, one
+    compiled wrapper per distinct module. The wrappers share the module's parameters and buffers,
+    so the optimizer, checkpoints and the encoder file keep seeing the plain module's names."""
+    compiled: dict[int, nn.Module] = {}
+    out = []
+    for side in sides:
+        encoder = side.encoder
+        if id(encoder) not in compiled:
+            compiled[id(encoder)] = torch.compile(encoder)
+        out.append(dataclasses.replace(side, encoder=compiled[id(encoder)]))
+    return out
 
 
 def _to_device(batch, device: torch.device, channels_last: bool, n_private: int, has_desirable: bool,
