@@ -21,6 +21,7 @@ TINY = [
     "train.private=g1c0", "train.desirable=g1c1", "train.batch_size=8", "train.warmup_iters=3",
     "train.iters=6", "train.log_every=3", "train.checkpoint_every=4", "train.val_batches=1",
     "verify.batch_size=8", "verify.eval_every=2", "verify.patience=1", "verify.max_iters=12", "verify.views=1",
+    "verify.seeds=[0]",
 ]
 
 

@@ -206,7 +206,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from privenc.demo import run_demo
 
     started = time.time()
-    report = run_demo(Path(args.out), _config_from_args(args), jobs=args.jobs, progress=not args.no_progress)
+    report = run_demo(Path(args.out), _config_from_args(args), other_task=args.other_task, jobs=args.jobs,
+                      progress=not args.no_progress)
     text = report.read_text()
     table2 = text[text.index("## Table 2"):].split("\n## ")[0] if "## Table 2" in text else text
     print(table2)
