@@ -68,12 +68,14 @@ def test_new_run_folder_policy(finished_run, tmp_path):
 
 
 def test_config_changes_by_purpose():
-    old = {"train": {"device": "cpu", "alpha": 0.5}, "data": {"num_workers": 0}, "verify": {"tasks": [], "lr": 1.0}}
-    new = {"train": {"device": "cuda", "alpha": 0.5}, "data": {"num_workers": 4}, "verify": {"tasks": ["a"], "lr": 2.0}}
+    old = {"train": {"device": "cpu", "alpha": 0.5, "compile": True}, "data": {"num_workers": 0},
+           "verify": {"tasks": [], "lr": 1.0}}
+    new = {"train": {"device": "cuda", "alpha": 0.5, "compile": False}, "data": {"num_workers": 4},
+           "verify": {"tasks": ["a"], "lr": 2.0}}
     assert runs.config_changes(old, new, "resume") == ["data.num_workers: 0 -> 4"]
-    assert runs.config_changes(old, new, "reuse") == []
-    assert runs.config_changes(old, new, "grid") == ["train.device: 'cpu' -> 'cuda'", "data.num_workers: 0 -> 4",
-                                                     "verify.lr: 1.0 -> 2.0"]
+    assert runs.config_changes(old, new, "reuse") == ["train.compile: True -> False"]
+    assert runs.config_changes(old, new, "grid") == ["train.device: 'cpu' -> 'cuda'", "train.compile: True -> False",
+                                                     "data.num_workers: 0 -> 4", "verify.lr: 1.0 -> 2.0"]
 
 
 def test_the_encoder_file_carries_its_metadata(finished_run, tiny_config):

@@ -108,8 +108,9 @@ def write_config(config: Config, folder: Path) -> None:
 # Where a run executes does not change what it computes, nor do verification settings.
 WHERE_IT_RUNS = ("train.device", "data.num_workers")
 IGNORED: dict[str, tuple[str, ...]] = {
-    # --resume: the device may change; verify.* changes are accepted and recorded
-    "resume": ("train.device", "verify.*"),
+    # --resume: the device and whether the encoder is compiled (the same function) may change;
+    # verify.* changes are accepted and recorded
+    "resume": ("train.device", "train.compile", "verify.*"),
     # reusing a finished training (demo): nothing that shaped the weights may differ
     "reuse": (*WHERE_IT_RUNS, "verify.*"),
     # adding cells to a grid: verify.tasks only chooses the tasks when --tasks is not given
