@@ -46,7 +46,7 @@ def _config(csv, *more):
         "data.scale_range=[1.0, 1.0]", "encoder.stages=[[4], [8]]", "classifier.stages=[[8], [8]]",
         f"train.private=['{PRIVATE}']", f"train.desirable=['{DESIRABLE}']",
         "verify.attackers=['linear']", "verify.batch_size=32", "verify.eval_every=25", "verify.patience=3",
-        "verify.max_iters=400", "verify.views=1", "verify.lr=1e-3", "verify.lr_raw=1e-3", *more])
+        "verify.max_iters=400", "verify.views=1", "verify.seeds=[0]", "verify.lr=1e-3", "verify.lr_raw=1e-3", *more])
 
 
 @pytest.fixture(scope="module")
