@@ -80,6 +80,7 @@ SECTIONS = ("tests", "step", "loader", "attackers", "smoke")
 SHARES = {"tests": 0.25, "step": 0.32, "loader": 0.07, "attackers": 0.08, "smoke": 0.28}
 """Fractions of --budget; unused time passes on to the next section."""
 DEFAULT_BUDGET = 480.0
+"""Seconds: leaves room in a 600 s device call for start-up, import and the files' return."""
 
 
 def shares(sections: list[str] | tuple[str, ...]) -> dict[str, float]:
@@ -87,7 +88,6 @@ def shares(sections: list[str] | tuple[str, ...]) -> dict[str, float]:
     sections gives them the whole budget, as a run of all gives all."""
     total = sum(SHARES[name] for name in sections)
     return {name: SHARES[name] / total for name in sections}
-"""Seconds: leaves room in a 600 s device call for start-up, import and the files' return."""
 
 BF16_DENSE_PEAK = (
     ("H200", 989.4e12, "NVIDIA H200 datasheet, dense BF16 Tensor Core 989.4 TFLOP/s (1,979 with sparsity)"),
@@ -771,12 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, header)
     state: dict[str, Any] = {"config": config, "peak": (peak, source)}  # and each section's record
     saved = 0.0
+    fractions = shares(args.sections)
     previous = signal.signal(signal.SIGALRM, _alarm)
     try:
         for number, name in enumerate(SECTIONS, 1):
             if name not in args.sections:
                 continue
-            limit = shares(args.sections)[name] * args.budget + saved
+            limit = fractions[name] * args.budget + saved
             record: dict[str, Any] = {"status": "running", "limit_s": round(limit, 1)}
             report.data["sections"][name] = state[name] = record
             report.save()

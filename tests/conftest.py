@@ -5,6 +5,7 @@ image cache so tests never touch ~/.cache, and the device that device-capable te
 import dataclasses
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ TINY = [
     "verify.batch_size=8", "verify.eval_every=2", "verify.patience=1", "verify.max_iters=12", "verify.views=1",
     "verify.seeds=[0]",
 ]
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="torch.compile on a CPU needs a C compiler")
 
 
 class PayloadMarker:

@@ -107,7 +107,6 @@ def test_gpu_check_records_a_section_cut_by_its_time_limit(tmp_path):
     assert "## 2. step: cut" in (tmp_path / "out" / "gpu.md").read_text()
 
 
-
 @pytest.mark.slow  # starts a process
 def test_the_selected_sections_share_the_whole_budget(tmp_path):
     # A run of the smoke alone once gave it 28% of --budget and cut it (device run, 2026-11-30).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 import socket
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import needs_compiler
 from privenc.config import ATTACKERS, NORMS, ClassifierConfig, EncoderConfig
 from privenc.models import (
     BlurEncoder,
@@ -418,8 +418,7 @@ def test_unknown_attacker_family_lists_the_valid_ones() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on a CPU needs a C compiler")
+@needs_compiler
 def test_encoder_compiles_with_per_location_bn_on_a_channels_last_input(device) -> None:
     # benchmarks/gpu_check.py times a compiled encoder; the per-location BN must trace (no graph
     # break on data pointers) and give eager's numbers, its running statistics included.

@@ -1,14 +1,13 @@
 """Adversarial training: the two steps, the loop, checkpoints and exact resume."""
 
 import json
-import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import on_device
+from conftest import needs_compiler, on_device
 from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config
@@ -375,10 +374,6 @@ def test_resume_across_a_reset_is_exact(tiny_config, tmp_path, monkeypatch):
     for index, state in a["classifier_optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, b["classifier_optimizer"]["state"][index][key]), f"optimizer {index}.{key}"
-
-
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                    reason="torch.compile on a CPU needs a C compiler")
 
 
 @pytest.mark.slow
