@@ -64,16 +64,19 @@ def runs(a: str, b: str, c: str | None, seeds: list[int], tables: tuple[str, ...
     """
     ablation_seeds = seeds[:1] if ablation_seeds is None else ablation_seeds
     keep_b = [f"train.private=[\"{a}\"]", f"train.desirable=[\"{b}\"]"]
-    variance = [f"train.private=[\"{a}\"]", "train.desirable=[]"]
+    # Table 2 and the ablation are the paper's label-flip encoders, whatever loss the preset
+    # defaults to (faces defaults to standard GAN, its best measured operating point).
+    flip = ["train.encoder_loss=\"label_flip\""]
+    variance = [f"train.private=[\"{a}\"]", "train.desirable=[]", *flip]
     planned: list[tuple[str, list[str]]] = []  # (name, overrides) before the seed
     if "table1" in tables:
         planned += [(loss, keep_b + [f"train.encoder_loss=\"{loss}\""])
                     for loss in ("label_flip", "standard_gan", "negative_ce")]
     if "table2" in tables:
-        planned.append(("label_flip", keep_b + ["train.encoder_loss=\"label_flip\""]))  # -A +B
+        planned.append(("label_flip", keep_b + flip))  # -A +B
         if c is not None:
             planned.append((f"keep_{folder_name(b)}_{folder_name(c)}",
-                            [f"train.private=[\"{a}\"]", f"train.desirable=[\"{b}\",\"{c}\"]"]))
+                            [f"train.private=[\"{a}\"]", f"train.desirable=[\"{b}\",\"{c}\"]", *flip]))
         planned.append((f"variance_{norm}", variance + [f"encoder.norm=\"{norm}\""]))
     spec: dict[str, list[str]] = {}
     for seed in seeds:

@@ -27,6 +27,10 @@ def test_every_reproduction_run_is_a_valid_config():
     assert load_config("demo", runs["variance_batch"]).encoder.norm == "batch"
     assert load_config("demo", runs["standard_gan"]).train.encoder_loss == "standard_gan"
     assert load_config("demo", runs["label_flip-seed1"]).train.seed == 1
+    # Table 2 and the ablation are label-flip encoders even on a preset defaulting to another loss
+    other = ["train.encoder_loss=\"standard_gan\""]
+    for name in ("label_flip", "keep_g1c1_g1c2", "variance_batch", "variance_per_location"):
+        assert load_config("demo", other + runs[name]).train.encoder_loss == "label_flip", name
 
 
 def test_summarize_reports_the_spread_over_seeds(tmp_path, monkeypatch, capsys):
