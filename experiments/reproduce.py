@@ -23,7 +23,9 @@ the grid, ``privenc audit RUN --task A --max-rounds R`` of every trained encoder
 
 Tasks may be categories (``g1c0``) or attributes (``attribute:gender``): run names replace ':'
 and '/' so that they stay folder names. With two tasks only (A and B) the -A +B,C encoder is
-left out with a note.
+left out with a note. ``--also TASK...`` adds columns that no encoder trains for without making
+the first of them C (on faces: ``--tasks attribute:gender attribute:smiling --also
+attribute:expression``, the paper's slice with expression as an attribute nobody hid or kept).
 """
 
 from __future__ import annotations
@@ -125,6 +127,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
                    help="A (private), B (desirable), C (second desirable; without it no -A +B,C encoder), then "
                         "more tasks to verify; categories or attribute:<name>")
+    p.add_argument("--also", nargs="+", default=[], metavar="TASK",
+                   help="tasks verified as columns that no encoder trains for, without making them C (faces: "
+                        "--tasks attribute:gender attribute:smiling --also attribute:expression)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="training seeds of every Table 1 and Table 2 encoder (default: 0)")
     p.add_argument("--ablation-seeds", nargs="+", type=int, metavar="SEED",
@@ -141,8 +146,9 @@ def main() -> None:
     args = p.parse_args()
     if len(args.tasks) < 2:
         p.error("--tasks needs at least A (private) and B (desirable)")
-    if len(set(args.tasks)) != len(args.tasks):
-        p.error(f"--tasks lists a task twice: {' '.join(args.tasks)}")
+    columns = [*args.tasks, *args.also]  # every task the grid verifies
+    if len(set(columns)) != len(columns):
+        p.error(f"--tasks and --also list a task twice: {' '.join(columns)}")
     for flag, seeds in (("--seeds", args.seeds), ("--ablation-seeds", args.ablation_seeds or [])):
         if len(set(seeds)) != len(seeds):
             p.error(f"{flag} lists a seed twice: {' '.join(map(str, seeds))}")
@@ -198,11 +204,11 @@ def main() -> None:
     if args.baseline_overrides:
         grids.append(args.out / "grid-baselines")
         step([privenc, "grid", *common, *[x for kv in args.baseline_overrides for x in ("--set", kv)],
-                 "--encoders", "identity", "blur", "--tasks", *args.tasks, "--out", str(grids[1]),
+                 "--encoders", "identity", "blur", "--tasks", *columns, "--out", str(grids[1]),
                  "--jobs", str(args.jobs)])
     else:
         encoders += ["identity", "blur"]
-    step([privenc, "grid", *common, "--encoders", *encoders, "--tasks", *args.tasks,
+    step([privenc, "grid", *common, "--encoders", *encoders, "--tasks", *columns,
              "--out", str(grids[0]), "--jobs", str(args.jobs)])
     audits = []
     if args.audit_rounds:

@@ -146,12 +146,26 @@ def test_attribute_tasks_give_folder_names_and_two_tasks_leave_out_the_c_row(tmp
     assert _option(commands[-2], "--tasks") == "attribute:gender"  # the grid verifies both tasks
 
 
+def test_also_adds_a_column_that_no_encoder_trains_for(tmp_path, monkeypatch, capsys):
+    commands, text = _planned(monkeypatch, capsys, ["--out", str(tmp_path), "--tasks", "attribute:gender",
+                                                    "attribute:smiling", "--also", "attribute:expression",
+                                                    "--tables", "table1", "table2"])
+    for words in commands:  # no run keeps or hides expression: it stays out of every --set
+        if words[1] == "train":
+            assert not any("expression" in w for w in words), words
+    grid = next(w for w in commands if w[1] == "grid")
+    tasks = grid[grid.index("--tasks") + 1:grid.index("--out")]
+    assert tasks == ["attribute:gender", "attribute:smiling", "attribute:expression"]
+    assert "-A +B,C encoder of Table 2 is left out" in text
+
+
 def test_reproduce_refuses_a_single_task_and_an_unknown_run(tmp_path, monkeypatch, capsys):
     import sys
 
     import pytest
 
     for argv, message in ((["--tasks", "g1c0"], "at least A (private) and B"),
+                          (["--tasks", "g1c0", "g1c1", "--also", "g1c1"], "list a task twice"),
                           (["--tasks", "g1c0", "g1c1", "--only", "keep_g1c1_g1c2"], "unknown runs")):
         monkeypatch.setattr(sys, "argv", ["reproduce.py", "--out", str(tmp_path), *argv, "--dry-run"])
         with pytest.raises(SystemExit):
