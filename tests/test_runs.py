@@ -89,6 +89,14 @@ def test_the_encoder_file_carries_its_metadata(finished_run, tiny_config):
     assert [r["step"] for r in runs.read_metrics(finished_run)][-1] == total
 
 
+def test_training_seconds_add_up_the_invocations_of_a_resumed_run(tmp_path):
+    assert runs.training_seconds(tmp_path) is None  # no metrics log
+    elapsed = [10.0, 20.0, 4.0, 15.5]  # interrupted after 20 s, resumed for 15.5 more
+    (tmp_path / runs.METRICS_FILE).write_text("".join(
+        f'{{"step": {i}, "elapsed_s": {e}}}\n' for i, e in enumerate(elapsed)))
+    assert runs.training_seconds(tmp_path) == 35.5
+
+
 def test_readers_of_run_folders_do_not_import_the_trainer():
     code = ("import sys, privenc.verification, privenc.report, privenc.deploy, privenc.grid, privenc.runs\n"
             "print('privenc.training' in sys.modules)")

@@ -275,6 +275,12 @@ def test_the_tiny_sweep_writes_its_table_json_and_figure(swept):
         assert seed["x"] == pytest.approx(100 * (private["test_bacc_best"] - private["bacc_chance"]))
         assert seed["y"] == pytest.approx(100 * (desirable["test_bacc_best"] - identity_desirable))
         assert c["x"] == {"mean": seed["x"], "min": seed["x"], "max": seed["x"], "std": 0.0}
+        # the costs: the run's training clock and its cells' attackers
+        assert 0 < seed["train_s"] == pytest.approx(json.loads(
+            (out / seed["run"] / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"], abs=0.05)
+        assert 0 < seed["verify_s"] == pytest.approx(
+            sum(r["seconds"] for path in (out / "grid" / "cells").glob("*/verify.json")
+                for r in json.loads(path.read_text()) if r["encoder"] == run), abs=0.05)
     assert result["references"][0]["y"] == 0.0  # Identity against itself
     means = [(c["x"]["mean"], c["y"]["mean"]) for c in result["configurations"]]
     assert [c["on_front"] for c in result["configurations"]] == pareto_front(means)
@@ -283,6 +289,7 @@ def test_the_tiny_sweep_writes_its_table_json_and_figure(swept):
     assert result["command"].startswith(f"privenc sweep --config demo --vary {LOSSES} --seeds 0 --set")
     assert f"`{result['command']}`" in table and "| encoder_loss=label_flip | label_flip | label_flip | 1 |" in table
     assert "minus chance 1/K" in table and "min-max over seeds" in table
+    assert "Time, in minutes of one process" in table and "over 2 runs (from their metrics logs)" in table
 
 
 @pytest.mark.slow

@@ -239,6 +239,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def training_seconds(folder: Path) -> float | None:
+    """Wall seconds a run's training took, from its metrics log; None without one. Each invocation
+    logs the seconds since it started, so a resumed training's clock starts again: the last value
+    of each invocation is summed (work after the last log of an interrupted one is not counted)."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return None
+    total, last = 0.0, 0.0
+    for record in read_metrics(path):
+        elapsed = record.get("elapsed_s")
+        if elapsed is None:
+            continue
+        if elapsed < last:  # a resumed invocation
+            total += last
+        last = elapsed
+    return round(total + last, 1)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so none appears twice."""
     if not Path(path).exists():

@@ -310,6 +310,12 @@ def point(best: dict[tuple[str, str], dict[str, Any]], encoder: str, private: li
     return {"x": x, "y": y, "private_bacc": private_bacc, "desirable_bacc": desirable_bacc}
 
 
+def attacker_seconds(records: list[dict[str, Any]], encoder: str) -> float:
+    """Seconds of attacker training in an encoder's verification cells (one process each;
+    encoding the images is not counted)."""
+    return round(sum(r.get("seconds", 0.0) for r in records if r["encoder"] == encoder), 1)
+
+
 def summarize(planned: list[SweepRun], vary: dict[str, list[str]], records: list[dict[str, Any]],
               references: list[str], config: Config, tasks: list[str], command: str) -> dict[str, Any]:
     """What sweep.json holds (without audits): per configuration its values, method, per-seed
@@ -324,7 +330,9 @@ def summarize(planned: list[SweepRun], vary: dict[str, list[str]], records: list
         entry = settings.setdefault(run.setting, {
             "name": run.setting, "values": run.values, "method": run.config.train.encoder_loss, "seeds": []})
         entry["seeds"].append({"seed": run.seed, "run": f"runs/{run.name}",
-                               **point(best, run.name, private, desirable)})
+                               **point(best, run.name, private, desirable),
+                               "train_s": runs.training_seconds(run.run_dir),
+                               "verify_s": attacker_seconds(records, run.name)})
     configurations = list(settings.values())
     for entry in configurations:
         entry["x"] = _spread([s["x"] for s in entry["seeds"]])
@@ -337,8 +345,8 @@ def summarize(planned: list[SweepRun], vary: dict[str, list[str]], records: list
         "command": command, "seed_key": SEED_KEY, "seeds": list(dict.fromkeys(run.seed for run in planned)),
         "vary": {key: list(dict.fromkeys(value_text(run.values[key]) for run in planned)) for key in vary},
         "tasks": {"private": private, "desirable": desirable, "verified": tasks},
-        "references": [{"name": encoder_name(spec), **point(best, encoder_name(spec), private, desirable)}
-                       for spec in references],
+        "references": [{"name": encoder_name(spec), **point(best, encoder_name(spec), private, desirable),
+                        "verify_s": attacker_seconds(records, encoder_name(spec))} for spec in references],
         "definitions": {"x": X_DEFINITION, "y": Y_DEFINITION, "spread": SPREAD,
                         "front": "configurations whose mean no other configuration's mean dominates (lower x and "
                                  "higher y are better)", "audit": None},
@@ -480,6 +488,28 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     lines += ["", "References (one verification each):", "",
               "| encoder | x: private − chance | y: desirable − Identity |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['x']:+.1f} | {r['y']:+.1f} |" for r in result["references"]]
+    lines += time_lines(result)
     if result["definitions"].get("audit"):
         lines += ["", f"Audited x: {result['definitions']['audit']} (`SWEEP/audit/<configuration>/audit.md`)."]
     return "\n".join(lines) + "\n"
+
+
+def time_lines(result: dict[str, Any]) -> list[str]:
+    """What the sweep cost, in minutes of one process (sweep.json from before these were kept
+    has none: no lines)."""
+    seeds = [s for c in result["configurations"] for s in c["seeds"]]
+    trained = [s["train_s"] / 60 for s in seeds if s.get("train_s") is not None]
+    verified = [s["verify_s"] / 60 for s in seeds if s.get("verify_s") is not None]
+    if not trained and not verified:
+        return []
+    parts = []
+    if trained:
+        parts.append(f"training {sum(trained) / len(trained):.1f} min per run [{min(trained):.1f}-{max(trained):.1f}] "
+                     f"over {len(trained)} runs (from their metrics logs)")
+    if verified:
+        parts.append(f"verification {sum(verified) / len(verified):.1f} attacker-minutes per run "
+                     f"[{min(verified):.1f}-{max(verified):.1f}]")
+    references = [f"{r['name']} {r['verify_s'] / 60:.1f}" for r in result["references"] if "verify_s" in r]
+    if references:
+        parts.append("references " + ", ".join(references) + " attacker-minutes")
+    return ["", "Time, in minutes of one process (`--jobs N` runs N side by side): " + "; ".join(parts) + "."]
