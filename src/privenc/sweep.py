@@ -502,13 +502,15 @@ def time_lines(result: dict[str, Any]) -> list[str]:
     verified = [s["verify_s"] / 60 for s in seeds if s.get("verify_s") is not None]
     if not trained and not verified:
         return []
+    def minutes(values: list[float], unit: str) -> str:
+        stats = _spread(values)
+        return f"{stats['mean']:.1f} {unit} [{stats['min']:.1f}-{stats['max']:.1f}]"
+
     parts = []
     if trained:
-        parts.append(f"training {sum(trained) / len(trained):.1f} min per run [{min(trained):.1f}-{max(trained):.1f}] "
-                     f"over {len(trained)} runs (from their metrics logs)")
+        parts.append(f"training {minutes(trained, 'min per run')} over {len(trained)} runs (from their metrics logs)")
     if verified:
-        parts.append(f"verification {sum(verified) / len(verified):.1f} attacker-minutes per run "
-                     f"[{min(verified):.1f}-{max(verified):.1f}]")
+        parts.append(f"verification {minutes(verified, 'attacker-minutes per run')}")
     references = [f"{r['name']} {r['verify_s'] / 60:.1f}" for r in result["references"] if "verify_s" in r]
     if references:
         parts.append("references " + ", ".join(references) + " attacker-minutes")
