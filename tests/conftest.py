@@ -24,6 +24,9 @@ TINY = [
     "verify.batch_size=8", "verify.eval_every=2", "verify.patience=1", "verify.max_iters=12", "verify.views=1",
     "verify.seeds=[0]",
 ]
+# Resume and rerun tests change alpha away from the demo's own value, whatever the preset ships.
+DEMO_ALPHA = load_config("demo").train.alpha
+OTHER_ALPHA = DEMO_ALPHA / 2
 
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,

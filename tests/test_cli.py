@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import TINY
+from conftest import DEMO_ALPHA, OTHER_ALPHA, TINY
 from privenc.cli import build_parser, main
 
 
@@ -93,8 +93,8 @@ def test_train_verify_report_through_the_cli(tmp_path, capsys):
     assert main(["-q", "train", *sets, "--out", str(run), "--no-progress"]) == 0
     assert main(["-q", "train", *sets, "--out", str(run), "--no-progress"]) == 2  # refuses to overwrite
     assert "already holds a training run" in capsys.readouterr().err
-    assert main(["-q", "train", "--resume", str(run), "--set", "train.alpha=0.25", "--no-progress"]) == 2
-    assert "train.alpha: 0.5 -> 0.25" in capsys.readouterr().err
+    assert main(["-q", "train", "--resume", str(run), "--set", f"train.alpha={OTHER_ALPHA}", "--no-progress"]) == 2
+    assert f"train.alpha: {DEMO_ALPHA} -> {OTHER_ALPHA}" in capsys.readouterr().err
     assert main(["-q", "verify", str(run), *sets, "--out", str(tmp_path / "v"), "--no-progress"]) == 0
     assert "Strongest attacker" in capsys.readouterr().out
     assert main(["-q", "report", str(run), str(tmp_path / "v"), "--out", str(tmp_path / "r")]) == 0

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, PayloadMarker
+from conftest import DEMO_ALPHA, OTHER_ALPHA, TINY, PayloadMarker
 from privenc import checkpoint as ckpt
 from privenc import deploy
 from privenc.cli import main
@@ -156,11 +156,14 @@ def _resume_changed(how: str):
         run = Path(shutil.copytree(run, tmp_path / "run"))
         argv = ["-q", "train", "--resume", str(run), "--no-progress"]
         if how == "set":
-            return [*argv, "--set", "train.alpha=0.25"]
+            return [*argv, "--set", f"train.alpha={OTHER_ALPHA}"]
         config = (run / "config.toml").read_text()
-        (run / "config.toml").write_text(config.replace("alpha = 0.5", "alpha = 0.25"))
+        (run / "config.toml").write_text(config.replace(f"alpha = {DEMO_ALPHA!r}", f"alpha = {OTHER_ALPHA!r}"))
         return argv
     return build
+
+
+_ALPHA_CHANGE = re.escape(f"train.alpha: {DEMO_ALPHA} -> {OTHER_ALPHA}")
 
 
 def _resume_without_checkpoint(tmp_path: Path, run: Path) -> list[str]:
@@ -303,10 +306,10 @@ CATALOGUE = {
     "encoder file of another architecture": (_verify_other_architecture,
                                              r"encoder\.pt: encoder does not match this architecture"),
     "resume with a changed --set": (_resume_changed("set"),
-                                    r"refusing to resume with a changed config(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
+                                    r"refusing to resume with a changed config(.|\n)*" + _ALPHA_CHANGE),
     "resume with an edited config.toml": (_resume_changed("edit"),
                                           r"refusing to resume with a changed config"
-                                          r"(.|\n)*train\.alpha: 0\.5 -> 0\.25"),
+                                          r"(.|\n)*" + _ALPHA_CHANGE),
     "resume before the first checkpoint": (_resume_without_checkpoint, r"it has no checkpoint yet .*start it again"),
     "new run over an existing one": (_existing_run, r"already holds a training run; use --resume"),
     "new run into a folder of other files": (_train_into, r"photos is not empty and not a training run folder"),
@@ -407,9 +410,10 @@ def test_a_demo_rerun_with_another_config_does_not_reuse_its_encoders(finished_r
     # the demo must not report it under the new settings.
     demo = tmp_path / "demo"
     shutil.copytree(finished_run, demo / "runs" / "label_flip")
-    code = main(["-q", "demo", "--out", str(demo), *_sets([*TINY, "train.alpha=0.25"]), "--jobs", "1"])
+    code = main(["-q", "demo", "--out", str(demo), *_sets([*TINY, f"train.alpha={OTHER_ALPHA}"]), "--jobs", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "label_flip was trained with another config" in err and "train.alpha: 0.5 -> 0.25" in err
+    assert code == 2 and "label_flip was trained with another config" in err
+    assert f"train.alpha: {DEMO_ALPHA} -> {OTHER_ALPHA}" in err
     assert not (demo / "runs" / "standard_gan").exists() and not (demo / "grid").exists()
 
 
