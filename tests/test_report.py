@@ -20,9 +20,10 @@ TWO_PRIVATE = 'train.private=["g1c0", "g1c2"]'
 
 
 def _run(folder: Path, overrides: list[str], private_accs: list[list[float]]) -> Path:
-    """A finished run folder: its config and a metrics log of len(private_accs[0]) evaluations."""
+    """A finished label-flip run folder: its config and a metrics log of len(private_accs[0])
+    evaluations."""
     folder.mkdir(parents=True)
-    write_config(load_config("demo", TINY + overrides), folder)
+    write_config(load_config("demo", [*TINY, "train.encoder_loss=label_flip", *overrides]), folder)
     lines = []
     for step, accs in enumerate(zip(*private_accs), 1):
         line = {"step": step, **{f"val_private{k}_acc": acc for k, acc in enumerate(accs)},
