@@ -8,6 +8,7 @@ is computed once per module for the slow tier, whose tests that change it work o
 
 import json
 import shutil
+from importlib.resources import files
 
 import pytest
 
@@ -307,6 +308,27 @@ def test_a_second_call_trains_and_verifies_nothing(copy, monkeypatch):
     assert again.pop("command").endswith(f"--out {out}")  # the copy's folder
     assert again == {key: value for key, value in result.items() if key != "command"}
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/encoder.pt")} == stamps
+
+
+@pytest.mark.slow
+def test_a_preset_whose_default_of_a_varied_key_changed_still_resumes_the_sweep(copy, monkeypatch, capsys):
+    # A sweep's runs bring their own value of each varied key; a preset that changes its default
+    # of one (as demo's encoder_loss did) must not make the finished grid refuse the rerun.
+    out, _ = copy
+    preset = files("privenc").joinpath("presets", "demo.toml").read_text()
+    loss = load_config("demo").train.encoder_loss
+    other = "negative_ce" if loss != "negative_ce" else "label_flip"
+    (out.parent / "changed.toml").write_text(preset.replace(f'encoder_loss = "{loss}"', f'encoder_loss = "{other}"'))
+    monkeypatch.setattr(training_module, "train", _no("training"))
+    monkeypatch.setattr(grid_module, "_run_cell", _no("a grid cell"))
+    argv = _command(out)
+    argv[argv.index("demo")] = str(out.parent / "changed.toml")
+    assert main(argv) == 0
+    stricter = out.parent / "stricter.toml"  # a key that is not varied still decides the cells
+    stricter.write_text(preset.replace("\nlr = 1e-3", "\nlr = 2e-3"))
+    argv[argv.index(str(out.parent / "changed.toml"))] = str(stricter)
+    assert main(argv) == 2
+    assert "verify.lr: 0.001 -> 0.002" in capsys.readouterr().err
 
 
 def test_a_run_folder_trained_with_another_config_is_refused_before_training(tmp_path, monkeypatch):

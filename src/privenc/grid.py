@@ -45,10 +45,11 @@ def _run_cell(spec: str, task: str, config_dict: dict[str, Any], out: str, devic
 
 
 def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Path, jobs: int = 1,
-             device: str = "auto") -> list[dict[str, Any]]:
+             device: str = "auto", ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run every missing cell; return the records of all cells (done before or now).
 
-    A rerun with another config is refused: its cells would be mixed with the earlier ones."""
+    A rerun with another config is refused: its cells would be mixed with the earlier ones.
+    ``ignore``: keys that may differ (see :func:`check_same_config`)."""
     out_dir = Path(out_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
@@ -61,7 +62,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
         device = str(distributed.resolve_device(device, launched.local_rank))
     cells = [(spec, task) for spec in encoders for task in tasks]
     config_dict = config.to_dict()
-    check_same_config(out_dir, config_dict)
+    check_same_config(out_dir, config_dict, ignore)
     if rank == 0:  # written once; every rank has checked it above
         atomic_write_text(out_dir / "grid.json",
                           json.dumps({"encoders": encoders, "tasks": tasks, "config": config_dict}, indent=1) + "\n")
@@ -112,9 +113,11 @@ def check_cells(encoders: list[str], tasks: list[str], config: Config) -> None:
         check_tasks(distinct, tasks)
 
 
-def check_same_config(out_dir: Path, config_dict: dict[str, Any]) -> None:
+def check_same_config(out_dir: Path, config_dict: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
     """Refuse a grid folder whose cells were computed with another config (what grid.json
-    recorded); callers that do hours of work before the grid (a sweep) ask before it."""
+    recorded); callers that do hours of work before the grid (a sweep) ask before it.
+    ``ignore``: ``section.key`` names allowed to differ, a sweep's varied keys: each run folder
+    brings its own value, so the base config's (a preset's default) is read by no cell."""
     path = Path(out_dir) / "grid.json"
     if not path.is_file():
         return
@@ -124,6 +127,7 @@ def check_same_config(out_dir: Path, config_dict: dict[str, Any]) -> None:
         old = None  # grid.json is rewritten below; the cells are what matter
     new = json.loads(json.dumps(config_dict))  # as it would read back
     diff = config_changes(old, new, "grid") if old is not None else []
+    diff = [line for line in diff if not line.startswith(tuple(f"{key}: " for key in ignore))]
     if not diff:
         return
     raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "

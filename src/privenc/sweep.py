@@ -410,7 +410,7 @@ def run_sweep(source: str | None, overrides: list[str], vary_flags: list[str], s
             raise ConfigError(f"{run.name}: train.batch_size {run.config.train.batch_size} is the global batch, "
                               f"shared by the {ranks} torchrun ranks, and is not divisible by {ranks}; give a "
                               f"multiple of {ranks} with --set, or run on another number of ranks")
-    check_same_config(out_dir / "grid", base.to_dict())
+    check_same_config(out_dir / "grid", base.to_dict(), tuple(vary))
 
     # ---- train, then verify runs and references. Under torchrun every rank takes part in every
     # training (data-parallel, as `privenc train`), one run after another; then each rank runs its
@@ -420,7 +420,7 @@ def run_sweep(source: str | None, overrides: list[str], vary_flags: list[str], s
     try:
         train_runs(planned, jobs, progress, world, device)
         run_grid([str(run.run_dir) for run in planned] + references, tasks, base, out_dir / "grid", jobs=jobs,
-                 device=device)
+                 device=device, ignore=tuple(vary))
         distributed.wait_for_all(world)
     finally:
         distributed.teardown(world)
