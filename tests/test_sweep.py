@@ -318,7 +318,9 @@ def test_a_preset_whose_default_of_a_varied_key_changed_still_resumes_the_sweep(
     preset = files("privenc").joinpath("presets", "demo.toml").read_text()
     loss = load_config("demo").train.encoder_loss
     other = "negative_ce" if loss != "negative_ce" else "label_flip"
-    (out.parent / "changed.toml").write_text(preset.replace(f'encoder_loss = "{loss}"', f'encoder_loss = "{other}"'))
+    changed = preset.replace(f'encoder_loss = "{loss}"', f'encoder_loss = "{other}"')
+    assert changed != preset  # else the rerun below would test nothing
+    (out.parent / "changed.toml").write_text(changed)
     monkeypatch.setattr(training_module, "train", _no("training"))
     monkeypatch.setattr(grid_module, "_run_cell", _no("a grid cell"))
     argv = _command(out)

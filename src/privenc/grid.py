@@ -126,8 +126,7 @@ def check_same_config(out_dir: Path, config_dict: dict[str, Any], ignore: tuple[
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = None  # grid.json is rewritten below; the cells are what matter
     new = json.loads(json.dumps(config_dict))  # as it would read back
-    diff = config_changes(old, new, "grid") if old is not None else []
-    diff = [line for line in diff if not line.startswith(tuple(f"{key}: " for key in ignore))]
+    diff = config_changes(old, new, "grid", ignore) if old is not None else []
     if not diff:
         return
     raise ConfigError(f"refusing to add to the grid {path.parent} with another config than its cells were "

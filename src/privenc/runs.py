@@ -118,10 +118,12 @@ IGNORED: dict[str, tuple[str, ...]] = {
 }
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], purpose: str) -> list[str]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], purpose: str,
+                   also_ignore: tuple[str, ...] = ()) -> list[str]:
     """``section.key: old -> new`` lines for what ``new`` changes in ``old`` that ``purpose``
-    (a key of :data:`IGNORED`) does not allow; ``section.*`` ignores a whole section."""
-    ignored = IGNORED[purpose]
+    (a key of :data:`IGNORED`) does not allow; ``section.*`` ignores a whole section.
+    ``also_ignore``: more ``section.key`` names the caller allows to differ."""
+    ignored = (*IGNORED[purpose], *also_ignore)
     sections = {item[:-2] for item in ignored if item.endswith(".*")}
     keys = tuple(item for item in ignored if not item.endswith(".*"))
     trimmed = {section: values for section, values in new.items() if section not in sections}
