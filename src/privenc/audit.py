@@ -58,8 +58,8 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,7 @@ from privenc.encoders import (
 )
 from privenc.errors import ConfigError
 from privenc.models import build_attacker
+from privenc.pools import spawn_pool
 from privenc.runs import ENCODER_FILE, refuse_run_folder
 from privenc.verdict import audit_markdown, verdict
 from privenc.verification import attacker_record, roles_from_run, selection_score, strongest, verify
@@ -290,14 +291,15 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     references = _identity_references(identity, encoder, tasks, out_dir, device, progress)
 
     started = time.time()
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
     threads = max(1, (os.cpu_count() or 1) // jobs)
     extra = [name for name in chosen if name != ZOO]
     searches: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]], str]] = {}
     outcomes: dict[str, list[dict[str, Any]]] = {}
     started_attacks: dict[str, list[dict[str, Any] | Future[str]]] = {}
     attack_encoder: LoadedEncoder | None = None
-    try:
+    with ExitStack() as stack:
+        pool = stack.enter_context(spawn_pool(jobs, cancel_on_error=True)) if jobs > 1 else None
+        stack.callback(_CACHE.clear)  # the encodings of an in-process search are not needed after it
         for task in tasks:
             role = roles.get(task, "other")
             records: list[dict[str, Any]] = []
@@ -340,10 +342,6 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                                                        protocol, folder, pool, device, threads)
         for task, found in started_attacks.items():
             outcomes[task] = _collect_attacks(task, extra, found, progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        _CACHE.clear()  # the encodings of an in-process search are not needed after it
     verdicts = {task: verdict(task, role, records, rounds, stopped_by, margin, references.get(task), fail_above,
                               outcomes[task])
                 for task, (role, records, rounds, stopped_by) in searches.items()}

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from privenc import __version__
 from privenc.commands import (
@@ -354,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
         disable_progress()  # also the bars no argument reaches (the image cache), in workers too
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_exit():
+            return int(args.func(args) or 0)
     # OSError: a missing file, a full disk, an unwritable folder (the writers name the file)
     except (PrivencError, OSError) as err:
         print(f"privenc: error: {err}", file=sys.stderr)
@@ -362,6 +367,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("privenc: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("privenc: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that it unwinds as Ctrl-C does: worker pools
+    terminate their workers (privenc/pools.py) and no file is left half written."""
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    # Only the main thread may set handlers (main() may be called from elsewhere, as in tests),
+    # and the caller's own handler comes back afterwards.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

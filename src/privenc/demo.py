@@ -11,9 +11,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,6 +19,7 @@ from tqdm import tqdm
 from privenc.config import Config, load_config
 from privenc.errors import ConfigError
 from privenc.grid import run_grid
+from privenc.pools import spawn_pool
 from privenc.report import build_report
 from privenc.runs import METRICS_FILE, config_changes, has_checkpoint, is_finished, is_run, read_config
 from privenc.training import train, train_worker
@@ -54,7 +53,7 @@ def run_demo(out_dir: Path, config: Config | None = None, other_task: str | None
         # One process per encoder, the cores shared between them: small convolutions use one
         # core well and several poorly. One bar follows both through their metrics logs.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+        with spawn_pool(min(jobs, len(todo))) as pool:
             futures = [pool.submit(train_worker, variant.to_dict(), str(run_dir), threads) for variant, run_dir in todo]
             _follow([run_dir for _, run_dir in todo], futures, config.train.warmup_iters + config.train.iters,
                     progress)

@@ -13,8 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from privenc.atomic import atomic_write_text, ensure_writable, read_finished
 from privenc.config import Config, from_dict
 from privenc.encoders import check_tasks, encoder_name, load_encoder_spec
 from privenc.errors import ConfigError
+from privenc.pools import spawn_pool
 from privenc.runs import config_changes, refuse_run_folder
 from privenc.verification import verify
 
@@ -83,7 +83,7 @@ def run_grid(encoders: list[str], tasks: list[str], config: Config, out_dir: Pat
             _run_cell(spec, task, config_dict, str(cell_dir(out_dir, spec, task)), device, torch.get_num_threads())
     elif todo:
         threads = torch.get_num_threads() if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        with spawn_pool(jobs) as pool:
             futures = {pool.submit(_run_cell, spec, task, config_dict, str(cell_dir(out_dir, spec, task)),
                                    device, threads): (spec, task) for _, spec, task in todo}
             for future in as_completed(futures):

@@ -40,9 +40,8 @@ import logging
 import math
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.config import SECTIONS, Config, load_config
 from privenc.encoders import BASELINES, check_tasks, encoder_name, learned_encoder_path
 from privenc.errors import ConfigError
+from privenc.pools import spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def train_runs(planned: list[SweepRun], jobs: int = 1, progress: bool = True,
     if jobs > 1 and len(todo) > 1 and not world.distributed:
         # One process per run, the cores shared: small convolutions use one core well, several poorly.
         threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+        with spawn_pool(min(jobs, len(todo))) as pool:
             futures = {pool.submit(train_worker, run.config.to_dict(), str(run.run_dir), threads): run
                        for run in todo}
             for future in as_completed(futures):
