@@ -144,7 +144,7 @@ def pareto_figure(sweep: dict[str, Any], path: Path) -> Path:
         return ", ".join(f"{k.partition('.')[2]}={c['values'][k]}" for k in others)
 
     markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(dict.fromkeys(map(rest, configurations)))}
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     for c in configurations:
         x, y = c["x"], c["y"]
         colour, marker = colours[c["method"]], markers[rest(c)]
@@ -172,7 +172,8 @@ def pareto_figure(sweep: dict[str, Any], path: Path) -> Path:
                               label="audited worst case"))
     handles += [Line2D([], [], color="black", marker=shape, linestyle="none", label=f"reference: {name}")
                 for name, shape in shapes.items()]
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    # Beside the axes: inside, "best" dodges the points but not the references' names.
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     private, desirable = sweep["tasks"]["private"], sweep["tasks"]["desirable"]
     ax.set_xlabel(f"private ({', '.join(private)}): test balanced accuracy − chance 1/K "
                   f"(points; lower is more private)")
@@ -180,6 +181,7 @@ def pareto_figure(sweep: dict[str, Any], path: Path) -> Path:
     ax.xaxis.label.set_fontsize(9)
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.axvline(0, color="grey", linewidth=0.5)
+    ax.margins(x=0.1)  # room for the references' names, written right of their markers
     ax.set_title("\n".join(textwrap.wrap(sweep["command"], 90)), fontsize=8, family="monospace")
     seeds = ", ".join(map(str, sweep["seeds"]))
     caption = (f"Each configuration: mean over seeds {seeds} ({sweep['seed_key']}), error bars "
