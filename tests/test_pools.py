@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from privenc.cli import _sigterm_as_exit
 
 WORKER_SCRIPT = """
 import os, sys, time
@@ -100,3 +101,15 @@ def test_sigterm_stops_a_grid_with_its_workers_and_says_so(tmp_path):
         assert not list((tmp_path / "grid").glob("cells/*/verify.json"))  # no cell claims to be done
     finally:
         parent.kill()
+
+
+def test_sigterm_is_handled_for_the_command_and_restored_but_left_alone_under_torchrun(monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with _sigterm_as_exit():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    # A rank blocked in a collective runs no Python handler: torchrun's SIGTERM must end it as usual.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with _sigterm_as_exit():
+        assert signal.getsignal(signal.SIGTERM) is before

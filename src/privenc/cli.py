@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -380,8 +381,12 @@ class _Terminated(BaseException):
 @contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     # Only the main thread may set handlers (main() may be called from elsewhere, as in tests),
-    # and the caller's own handler comes back afterwards.
-    if threading.current_thread() is not threading.main_thread():
+    # and the caller's own handler comes back afterwards. Not under torchrun: its agent stops
+    # the ranks, and a Python handler would wait for a rank blocked in a collective (a sweep's
+    # ranks wait hours for each other) where the default action ends it at once; a rank's own
+    # workers still exit with it. (LOCAL_RANK: distributed.under_torchrun's test, read here
+    # without importing torch, which the quick commands never load.)
+    if threading.current_thread() is not threading.main_thread() or "LOCAL_RANK" in os.environ:
         yield
         return
 
