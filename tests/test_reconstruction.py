@@ -161,3 +161,41 @@ def test_bad_inputs_say_what_to_give(config, tmp_path):
     with pytest.raises(ConfigError, match="width must be a whole number >= 1"):
         reconstruction_attack(load_encoder_spec("identity", config, CPU), "g1c0", "other", CPU, tmp_path,
                               settings=DecoderSettings(width=0))
+
+
+def test_the_raw_image_attacker_is_fitted_once_per_images_and_protocol(config, tmp_path, monkeypatch, caplog):
+    # It does not depend on the encoder: a second encoder on the same images reuses it, with the
+    # numbers of a fresh fit; another protocol, or the cache off, fits anew.
+    import privenc.reconstruction as reconstruction
+
+    monkeypatch.setenv("PRIVENC_CACHE", str(tmp_path / "cache"))
+    fits = []
+    real_fit = reconstruction.fit_classifier
+    monkeypatch.setattr(reconstruction, "fit_classifier", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+
+    def attack(name, cfg):
+        return reconstruction_attack(load_encoder_spec(name, cfg, CPU), "g1c0", "private", CPU,
+                                     tmp_path / f"{name}-{len(fits)}", settings=QUICK)
+
+    attack("identity", config)
+    with caplog.at_level("INFO", logger="privenc"):
+        kept = attack("blur", config)
+    assert len(fits) == 1 and "reusing the raw-image attacker" in caplog.text
+    assert len(list((tmp_path / "cache" / "attackers").glob("raw-paper-*.pt"))) == 1
+
+    fresh = attack("blur", load_config("demo", [*TINY, "data.cache=false"]))
+    assert len(fits) == 2
+    same = ("raw_val_bacc", "raw_test_bacc", "iters", "saturated", "val_bacc_best", "test_bacc_best",
+            "test_bacc_ci95", "test_acc_best", "info_bits")
+    assert {k: kept[k] for k in same} == {k: fresh[k] for k in same}
+
+    attack("blur", load_config("demo", [*TINY, "verify.patience=2"]))
+    assert len(fits) == 3 and len(list((tmp_path / "cache" / "attackers").glob("*.pt"))) == 2
+
+    # a kept file cut short is fitted again and replaced, with a warning
+    for path in (tmp_path / "cache" / "attackers").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="privenc"):
+        again = attack("blur", config)
+    assert len(fits) == 4 and "fitting the raw-image attacker again" in caplog.text
+    assert again["raw_test_bacc"] == kept["raw_test_bacc"]

@@ -28,6 +28,8 @@ and averaged over the test images.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from privenc import __version__, checkpoint
 from privenc.atomic import ensure_writable
 from privenc.attackers import (
     AttackerResult,
@@ -50,12 +53,14 @@ from privenc.attackers import (
     fit_classifier,
     score_split,
 )
+from privenc.config import Config
 from privenc.data import TaskData, prepare
+from privenc.data.cache import default_cache_dir
 from privenc.distributed import resolve_device
 from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
-from privenc.errors import ConfigError, VerificationError
+from privenc.errors import CheckpointError, ConfigError, VerificationError
 from privenc.figures import _save_figure, equalize
-from privenc.models import build_attacker
+from privenc.models import Classifier, build_attacker
 from privenc.verification import attacker_record
 
 log = logging.getLogger(__name__)
@@ -281,6 +286,62 @@ def image_scores(reconstructions: torch.Tensor, originals: torch.Tensor) -> dict
     return {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean())}
 
 
+# --------------------------------------------------------------------------- the Identity attacker
+
+
+RAW_ATTACKER_FORMAT = 1
+"""Part of the kept attacker's key: bump it when what :func:`fit_classifier` returns for the same
+inputs changes, so that no attacker fitted by older code is reused."""
+
+
+def identity_attacker(raw: Encoded, config: Config, seed: int, device: torch.device, progress: bool = False,
+                      label: str = "") -> tuple[nn.Module, AttackerResult]:
+    """The ``paper`` attacker trained on raw images under ``config``'s ``[verify]`` protocol (at
+    ``verify.lr_raw``), its best-validation checkpoint loaded, and its fit.
+
+    It depends on the images and the protocol, not on the encoder: an audit of every encoder of
+    a sweep would train the same one again each time (on 64 px photos, most of the attack's
+    time). With ``data.cache`` on it is kept beside the image caches, in
+    ``CACHE/attackers/raw-paper-<key>.pt``, the key a digest of the images and labels of every
+    split (bytes), the ``[verify]`` and ``[classifier]`` settings, the seed, the device type and
+    the code's version; any other encoder on the same images reuses it, with the same numbers
+    as a fresh fit. A kept file that cannot be read is fitted again and replaced."""
+    verify = config.verify
+    torch.manual_seed(seed)
+    classifier = build_attacker("paper", config.classifier, 3, raw.num_classes, config.data.image_size)
+    path = _kept_attacker_path(raw, config, seed, device) if config.data.cache else None
+    if path is not None and path.is_file():
+        try:
+            kept = checkpoint.load(path)
+            classifier.load_state_dict(kept["state"])
+            fitted = AttackerResult(**kept["result"])
+        except (CheckpointError, KeyError, TypeError, RuntimeError) as err:
+            log.warning("%s is unreadable (%s); fitting the raw-image attacker again", path, err)
+        else:
+            log.info("%s: reusing the raw-image attacker %s", label or "reconstruction", path)
+            classifier = classifier.to(device).train()
+            if isinstance(classifier, Classifier) and verify.channels_last:  # as fit_classifier leaves it
+                classifier = classifier.to(memory_format=torch.channels_last)
+            return classifier, fitted
+    fitted = fit_classifier(classifier, raw, verify, verify.lr_raw, seed, device, "paper", progress,
+                            label=label)  # leaves the best-validation checkpoint in place
+    if path is not None:
+        checkpoint.save(path, {"state": classifier.state_dict(), "result": asdict(fitted)})
+    return classifier, fitted
+
+
+def _kept_attacker_path(raw: Encoded, config: Config, seed: int, device: torch.device) -> Path:
+    settings = config.to_dict()
+    h = hashlib.sha256(json.dumps({"format": RAW_ATTACKER_FORMAT, "version": __version__, "seed": seed,
+                                   "device": device.type, "verify": settings["verify"],
+                                   "classifier": settings["classifier"]}, sort_keys=True).encode())
+    for split in ("train", "val", "test"):
+        for tensor in (raw.x[split], raw.y[split]):
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+    return cache_dir / "attackers" / f"raw-paper-{h.hexdigest()[:32]}.pt"
+
+
 # --------------------------------------------------------------------------- the attack
 
 
@@ -328,10 +389,8 @@ def reconstruction_attack(encoder: LoadedEncoder, task: str, role: str, device: 
 
     # (2) the Identity attacker: trained and chosen on raw images, applied to the reconstructions
     raw = pairs.raw()
-    torch.manual_seed(seed)
-    classifier = build_attacker("paper", encoder.config.classifier, 3, raw.num_classes, data.config.image_size)
-    fitted = fit_classifier(classifier, raw, verify, verify.lr_raw, seed, torch_device, "paper", progress,
-                            label=f"{label}/identity attacker")  # leaves the best-validation checkpoint in place
+    classifier, fitted = identity_attacker(raw, encoder.config, seed, torch_device, progress,
+                                           label=f"{label}/identity attacker")
     val = score_split(classifier, reconstructed["val"], raw.y["val"], torch_device)
     test = score_split(classifier, reconstructed["test"], raw.y["test"], torch_device)
     assert_unchanged(encoder.module, snapshot, encoder.name)

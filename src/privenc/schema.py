@@ -71,7 +71,8 @@ class DataConfig:
     synthetic_per_category: int = 400
     """Synthetic source: images generated per category."""
     cache: bool = True
-    """Keep decoded, pre-resized uint8 images in a memmap cache (built once, reused)."""
+    """Keep decoded, pre-resized uint8 images in a memmap cache (built once, reused), and the
+    reconstruction attack's raw-image attackers (fitted once per images and protocol)."""
     cache_dir: str = ""
     """Where caches live; empty = $PRIVENC_CACHE or ~/.cache/privenc."""
     skip_bad_images: bool = False
