@@ -57,6 +57,15 @@ def _workers(parent: int) -> list[int]:
     return found
 
 
+def _kill(parent: subprocess.Popen, workers: list[int]) -> None:
+    # A failing test must not leave its workers behind: without the watch, an orphan blocks on
+    # its task queue forever.
+    parent.kill()
+    for pid in workers:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")
 
 
@@ -65,6 +74,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = tmp_path / "pool_script.py"
     script.write_text(WORKER_SCRIPT)
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    pids: list[int] = []
     try:
         files = [tmp_path / "worker0", tmp_path / "worker1"]
         _wait_for(lambda: all(f.is_file() and f.read_text() for f in files), 120, "the workers did not start")
@@ -74,7 +84,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
         parent.wait()
         _wait_for(lambda: not any(map(_alive, pids)), 15, "workers outlived their killed parent")
     finally:
-        parent.kill()
+        _kill(parent, pids)
 
 
 @pytest.mark.slow
@@ -87,6 +97,7 @@ def test_sigterm_stops_a_grid_with_its_workers_and_says_so(tmp_path):
         command += ["--set", item]
     parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers: list[int] = []
     try:
         _wait_for(lambda: len(_workers(parent.pid)) == 2 or parent.poll() is not None, 120,
                   "the grid's two workers did not start")
@@ -100,7 +111,7 @@ def test_sigterm_stops_a_grid_with_its_workers_and_says_so(tmp_path):
         _wait_for(lambda: not any(map(_alive, workers)), 10, "the grid's workers outlived it")
         assert not list((tmp_path / "grid").glob("cells/*/verify.json"))  # no cell claims to be done
     finally:
-        parent.kill()
+        _kill(parent, workers)
 
 
 def test_sigterm_is_handled_for_the_command_and_restored_but_left_alone_under_torchrun(monkeypatch):
