@@ -141,6 +141,12 @@ def test_a_rerun_reads_the_same_numbers_without_training(copy, monkeypatch):
     _no_training(monkeypatch)
     again = audit("blur", config, ["g1c0"], out, margin=99.0, max_rounds=5, progress=False)
     assert again["verdicts"] == first["verdicts"]
+    # its own wall time is only that of reading back; the attackers' seconds are all still counted
+    trials = [json.loads(p.read_text()) for p in out.glob("trials/g1c0/*.json")]
+    attacks = [r for p in out.glob("attacks/g1c0/*.json") for r in json.loads(p.read_text())["records"]]
+    assert again["attacker_seconds"] == first["attacker_seconds"] == pytest.approx(
+        sum(r["seconds"] for r in trials + attacks), abs=0.2)
+    assert f"{again['attacker_seconds']:.0f} attacker-seconds in all" in (out / "audit.md").read_text()
 
 
 def test_a_rerun_with_other_settings_is_refused(copy):

@@ -349,7 +349,14 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
               **({"encoder_label": encoder.label} if encoder.label else {}), "tasks": tasks, "attacks": chosen,
               "attack_summaries": summaries(chosen), "margin_points": margin,
               "max_rounds": max_rounds, "max_minutes": max_minutes, "fail_above_points": fail_above,
-              "seconds": round(time.time() - started, 1), "verdicts": verdicts,
+              "seconds": round(time.time() - started, 1),
+              # every attacker's own seconds, also those read back from an earlier invocation
+              # (a resumed audit's "seconds" counts only its own)
+              "attacker_seconds": round(sum(r.get("seconds") or 0.0 for _, records, _, _ in searches.values()
+                                            for r in records)
+                                        + sum(r.get("seconds") or 0.0 for found in outcomes.values()
+                                              for outcome in found for r in outcome.get("records", [])), 1),
+              "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}
     from privenc.figures import audit_figure
 

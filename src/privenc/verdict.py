@@ -87,7 +87,10 @@ def audit_markdown(result: dict[str, Any]) -> str:
     lines = [f"# privenc audit: {result['encoder']}{label}", "",
              f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
              + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
-             + f"; {result['seconds']:.0f} s.", "",
+             + f"; {result['seconds']:.0f} s of wall time in this invocation"
+             + (f", {result['attacker_seconds']:.0f} attacker-seconds in all (summed over every attacker and "
+                f"attack, those of earlier invocations included)" if "attacker_seconds" in result else "")
+             + ".", "",
              "Attacks: " + "; ".join(f"`{name}`, {text}" for name, text in result["attack_summaries"].items())
              + ".", ""]
     for task, v in result["verdicts"].items():
