@@ -300,12 +300,11 @@ def identity_attacker(raw: Encoded, config: Config, seed: int, device: torch.dev
     ``verify.lr_raw``), its best-validation checkpoint loaded, and its fit.
 
     It depends on the images and the protocol, not on the encoder: an audit of every encoder of
-    a sweep would train the same one again each time (on 64 px photos, most of the attack's
-    time). With ``data.cache`` on it is kept beside the image caches, in
-    ``CACHE/attackers/raw-paper-<key>.pt``, the key a digest of the images and labels of every
-    split (bytes), the ``[verify]`` and ``[classifier]`` settings, the seed, the device type and
-    the code's version; any other encoder on the same images reuses it, with the same numbers
-    as a fresh fit. A kept file that cannot be read is fitted again and replaced."""
+    a sweep would train the same one again each time. With ``data.cache`` on it is kept beside
+    the image caches, in ``CACHE/attackers/raw-paper-<key>.pt``, the key a digest of the images
+    and labels of every split (bytes), the ``[verify]`` and ``[classifier]`` settings, the seed,
+    the device type and the code's version; any other encoder on the same images reuses it, with
+    the same numbers as a fresh fit. A kept file that cannot be read is fitted again and replaced."""
     verify = config.verify
     torch.manual_seed(seed)
     classifier = build_attacker("paper", config.classifier, 3, raw.num_classes, config.data.image_size)
