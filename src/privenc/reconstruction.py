@@ -55,7 +55,7 @@ from privenc.attackers import (
 )
 from privenc.config import Config
 from privenc.data import TaskData, prepare
-from privenc.data.cache import default_cache_dir
+from privenc.data.cache import cache_root
 from privenc.distributed import resolve_device
 from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
 from privenc.errors import CheckpointError, ConfigError, VerificationError
@@ -337,8 +337,7 @@ def _kept_attacker_path(raw: Encoded, config: Config, seed: int, device: torch.d
     for split in ("train", "val", "test"):
         for tensor in (raw.x[split], raw.y[split]):
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    return cache_dir / "attackers" / f"raw-paper-{h.hexdigest()[:32]}.pt"
+    return cache_root(config.data) / "attackers" / f"raw-paper-{h.hexdigest()[:32]}.pt"
 
 
 # --------------------------------------------------------------------------- the attack

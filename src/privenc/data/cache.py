@@ -89,6 +89,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "privenc"
 
 
+def cache_root(cfg: DataConfig) -> Path:
+    """The folder of ``cfg``'s caches: ``data.cache_dir``, else :func:`default_cache_dir`."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
 def cache_file(source: Source, indices: np.ndarray, load_size: int, cache_dir: Path) -> Path:
     """Where the cache of these images of ``source`` at ``load_size`` lives."""
     key = digest([source.fingerprint(), load_size, digest(np.asarray(indices, dtype=np.int64).tolist())])
@@ -114,8 +119,7 @@ def open_images(source: Source, indices: np.ndarray, cfg: DataConfig) -> tuple[I
                     bad.append(int(indices[position]))
         _report_bad(bad, len(indices))
         return LazyImages(source, cfg.load_size), sorted(bad)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    path = cache_file(source, indices, cfg.load_size, cache_dir)
+    path = cache_file(source, indices, cfg.load_size, cache_root(cfg))
     meta = _read_meta(path, source, indices, cfg.load_size)
     if meta is None:
         with _exclusive(path):  # the first process builds it; the others wait, then read its cache
