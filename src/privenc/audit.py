@@ -345,6 +345,8 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     verdicts = {task: verdict(task, role, records, rounds, stopped_by, margin, references.get(task), fail_above,
                               outcomes[task])
                 for task, (role, records, rounds, stopped_by) in searches.items()}
+    every_record = [*(r for _, records, _, _ in searches.values() for r in records),
+                    *(r for found in outcomes.values() for outcome in found for r in outcome.get("records", []))]
     result = {"encoder": encoder.name, "encoder_kind": encoder.kind,
               **({"encoder_label": encoder.label} if encoder.label else {}), "tasks": tasks, "attacks": chosen,
               "attack_summaries": summaries(chosen), "margin_points": margin,
@@ -352,10 +354,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
               "seconds": round(time.time() - started, 1),
               # every attacker's own seconds, also those read back from an earlier invocation
               # (a resumed audit's "seconds" counts only its own)
-              "attacker_seconds": round(sum(r.get("seconds") or 0.0 for _, records, _, _ in searches.values()
-                                            for r in records)
-                                        + sum(r.get("seconds") or 0.0 for found in outcomes.values()
-                                              for outcome in found for r in outcome.get("records", [])), 1),
+              "attacker_seconds": round(sum(r.get("seconds") or 0.0 for r in every_record), 1),
               "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}
     from privenc.figures import audit_figure
