@@ -220,6 +220,28 @@ def test_bootstrap_interval_contains_the_point_and_narrows_with_more_test_images
     assert 0.12 < widths[0] < 0.24 and widths[1] < widths[0] / 3
 
 
+def test_bootstrap_interval_stays_around_the_point_with_rare_classes():
+    # lfw-faces' expression: two large classes and rare ones of a test image or two. A resample
+    # of the pooled images misses a rare class about a third of the time and, dropping its
+    # recall of 0 from the mean, lifted the whole interval above the point estimate.
+    from privenc.adversarial import balanced_accuracy
+    from privenc.attackers import bootstrap_balanced_accuracy
+
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.cat([torch.zeros(300, dtype=torch.long), torch.ones(300, dtype=torch.long),
+                        torch.tensor([2, 3, 4])])
+    right = torch.rand(603, generator=generator) < 0.9
+    right[600:] = False  # every rare image missed: recall 0 on classes 2-4
+    predictions = torch.where(right, labels, (labels + 1) % 2)
+    point = balanced_accuracy(predictions, labels)
+    lo, hi = bootstrap_balanced_accuracy(predictions, labels)
+    assert lo < point < hi
+    assert abs((lo + hi) / 2 - point) < 0.2 * (hi - lo)  # centred, not pushed up
+    # unlabelled images (negative labels) change nothing, as in balanced_accuracy
+    more = torch.cat([labels, torch.full((50,), -1)])
+    assert bootstrap_balanced_accuracy(torch.cat([predictions, torch.zeros(50, dtype=torch.long)]), more) == [lo, hi]
+
+
 def test_the_strongest_attacker_is_chosen_by_validation_balanced_accuracy():
     from privenc.verification import strongest
 

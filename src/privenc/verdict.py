@@ -125,8 +125,8 @@ def audit_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
               "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
-              "(1000 resamples); \"at chance\" means it reaches 1/K. bits: H(task) minus the attacker's test "
-              "cross-entropy, a lower bound on the information the encoding leaks.", ""]
+              "(1000 resamples, each class within itself); \"at chance\" means it reaches 1/K. bits: H(task) "
+              "minus the attacker's test cross-entropy, a lower bound on the information the encoding leaks.", ""]
     if result["fail_above_points"] is not None:
         gate = ", ".join(result["failed"]) or "none"
         lines += [f"Gate --fail-above {result['fail_above_points']:g} points: failed tasks: {gate}.", ""]

@@ -166,8 +166,8 @@ def summarize(records: list[dict[str, Any]]) -> str:
               "encoding leaks about the task; below 0 when that cross-entropy exceeds the label entropy (an "
               "attacker worse than guessing the class frequencies), which bounds nothing beyond 0.",
               "bal. acc: balanced accuracy, the mean per-class recall (chance 1/K for K classes); its 95% "
-              "interval is a bootstrap over the test images (1000 resamples, fixed seed); the checkpoint kept is "
-              "the one with the best validation balanced accuracy.",
+              "interval is a bootstrap over the test images, each class resampled within itself (1000 resamples, "
+              "fixed seed); the checkpoint kept is the one with the best validation balanced accuracy.",
               "", "Strongest attacker per encoder and task (selected by validation balanced accuracy):", "",
               "| encoder | task | role | test bal. acc [95% CI] | bal. chance (1/K) | test acc | majority rate "
               "| saturated |", "|---|---|---|---|---|---|---|---|"]
