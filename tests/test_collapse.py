@@ -27,6 +27,26 @@ def test_output_variance_counts_collapsed_and_low_variance_elements():
         "output_var_mean"] + 0.01
 
 
+def test_spread_sees_unit_variance_held_by_a_few_images():
+    """The variance-only encoders' collapse on real photos (docs/results.md, 2026-12-01): an
+    element constant for 99% of the images and far off for 1% has unit variance, and the
+    variance diagnostics pass it; the interquartile spread does not."""
+    torch.manual_seed(0)
+    pre_tanh = torch.randn(4000, 4)
+    rare = torch.zeros(4000)
+    rare[:40] = 1.0
+    pre_tanh[:, 0] = (rare - rare.mean()) / rare.std()  # variance exactly 1, values -0.1 and 9.9
+    stats = output_variance(pre_tanh, pre_tanh=True)
+    assert stats["collapse_low_var_frac"] == 0.0
+    assert stats["collapse_zero_spread_frac"] == pytest.approx(0.25)
+    assert stats["collapse_low_spread_frac"] == pytest.approx(0.25)
+    assert stats["output_spread_mean"] == pytest.approx(0.75, abs=0.06)  # the normal ones: ~1
+    # read from the middle half of the images: the same through tanh, where the variance is not
+    through_tanh = output_variance(torch.tanh(pre_tanh))
+    assert through_tanh["output_spread_mean"] == pytest.approx(stats["output_spread_mean"], abs=1e-3)
+    assert through_tanh["collapse_low_spread_frac"] == stats["collapse_low_spread_frac"]
+
+
 def _images(n: int, generator: torch.Generator) -> torch.Tensor:
     # Location-dependent statistics, as photos have (sky on top): a normalization that does not
     # work per location would leave some output locations with little variance.

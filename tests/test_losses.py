@@ -10,11 +10,14 @@ import torch
 from privenc.losses import (
     classifier_loss,
     encoder_private_loss,
+    kurtosis_over_batch,
     label_flip,
     negative_ce,
     soft_cross_entropy,
     standard_gan,
+    tail_penalty,
 )
+from privenc.norms import PerLocationBatchNorm
 
 
 def log_softmax(row: list[float]) -> list[float]:
@@ -144,3 +147,45 @@ def test_a_batch_without_a_known_label_gives_zero_loss_and_finite_gradients() ->
         value.backward()
         assert value.item() == 0.0 and torch.isfinite(logits.grad).all()
         logits.grad = None
+
+
+def test_kurtosis_over_batch_by_hand() -> None:
+    torch.manual_seed(0)
+    two_levels = torch.zeros(100, 1)
+    two_levels[:10] = 5.0  # 10% of the images away from the rest: 1 / (0.1 * 0.9) - 3
+    normal = torch.randn(200_000, 1)
+    constant = torch.full((100, 1), 0.7)
+    values = kurtosis_over_batch(torch.cat([two_levels, normal[:100], constant], dim=1))
+    assert values[0].item() == pytest.approx(1 / 0.09 - 3, rel=1e-5)
+    assert values[2].item() == pytest.approx(0.0, abs=1e-6)
+    assert kurtosis_over_batch(normal).item() == pytest.approx(3.0, abs=0.05)
+    assert kurtosis_over_batch(torch.zeros(8, 2, 3, 3)).shape == (18,)  # every element of an encoding
+
+
+def test_tail_penalty_is_the_mean_excess_and_zero_below_the_limit() -> None:
+    two_levels = torch.zeros(100, 2)
+    two_levels[:10, 0] = 1.0   # kurtosis 8.11
+    two_levels[:50, 1] = 1.0   # half and half: kurtosis 1
+    assert tail_penalty(two_levels, 3.0).item() == pytest.approx((1 / 0.09 - 3 - 3) / 2, rel=1e-5)
+    assert tail_penalty(two_levels, 10.0).item() == 0.0
+
+
+def test_tail_penalty_spreads_an_output_that_hides_its_variance_in_a_few_images() -> None:
+    """The collapse it is there for: behind a per-location BN without affine (the encoder's
+    output layer), every element has unit variance over the batch, but one that is constant for
+    63 images of 64 has a huge kurtosis; descending the penalty alone spreads it out."""
+    torch.manual_seed(0)
+    raw = torch.randn(64, 2, 3, 3) * 1e-3
+    raw[0] += 1.0  # one image carries all the variance
+    raw.requires_grad_(True)
+    norm = PerLocationBatchNorm(2, 3, 3, scale=False, bias=False).train()
+    optimizer = torch.optim.Adam([raw], lr=0.05)
+    start = kurtosis_over_batch(torch.tanh(norm(raw))).median().item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        penalty = tail_penalty(torch.tanh(norm(raw)), 3.0)
+        penalty.backward()
+        optimizer.step()
+    end = kurtosis_over_batch(torch.tanh(norm(raw)))
+    assert start > 30
+    assert end.max().item() < 3.2, end

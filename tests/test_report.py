@@ -60,7 +60,8 @@ def _number(text: str):
 @pytest.fixture
 def one_private(tmp_path) -> list[Path]:
     run = _run(tmp_path / "in" / "one", [], [[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.625, 0.875]])
-    unseen = {"test_collapse_zero_var_frac": 0.0625, "test_collapse_low_var_frac": 0.25}  # verification's test images
+    unseen = {"test_collapse_zero_var_frac": 0.0625, "test_collapse_low_var_frac": 0.25,  # verification's test images
+              "test_collapse_zero_spread_frac": 0.125, "test_collapse_low_spread_frac": 0.5}
     records = [_record("one", "g1c0", "private", 0.6, 0.55),
                {**_record("one", "g1c0", "private", 0.7, 0.65, "resnet"), **unseen},
                _record("one", "g1c1", "desirable", 0.8, 0.85), _record("identity", "g1c0", "other", 0.9, 0.95)]
@@ -112,7 +113,7 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
 
     columns, rows = _csv(out / "report_ablation.csv")
     assert columns == ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test",
-                       "test_zero_var", "test_low_var", "audit_private_test"]
+                       "test_zero_var", "test_low_var", "test_zero_spread", "test_low_spread", "audit_private_test"]
     (row,), (expected,) = rows, saved["ablation"]
     assert row["private_task"] == "g1c0"
     for key in ("zero_var", "low_var", "private_test", "desirable_test", "test_zero_var", "test_low_var"):
@@ -120,6 +121,7 @@ def test_each_table_is_a_csv_holding_the_numbers_of_report_json(one_private, tmp
     assert (row["zero_var"], row["private_test"], row["desirable_test"]) == ("0.125", "0.65", "0.85")
     # on unseen images: from the strongest private attacker's record (the encoder's test encodings)
     assert (row["test_zero_var"], row["test_low_var"]) == ("0.0625", "0.25")
+    assert (row["test_zero_spread"], row["test_low_spread"]) == ("0.125", "0.5")
 
 
 def test_one_private_task_keeps_the_paper_shape(one_private, tmp_path):
@@ -130,8 +132,9 @@ def test_one_private_task_keeps_the_paper_shape(one_private, tmp_path):
             "| majority rate |\n|---|---|---|---|---|---|---|---|---|\n| one | -g1c0 +g1c1 | label_flip | 75.0% "
             "| 70.0% | 65.0% ± ") in text
     assert ("| run | normalization | output var ~0 | output var < 0.5 | test var ~0 | test var < 0.5 "
-            "| private test acc | desirable test acc |\n|---|---|---|---|---|---|---|---|\n"
-            "| one | per_location | 12.5% | 50.0% | 6.2% | 25.0% | 65.0% | 85.0% |") in text
+            "| test spread ~0 | test spread < 0.5 | private test acc | desirable test acc |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n"
+            "| one | per_location | 12.5% | 50.0% | 6.2% | 25.0% | 12.5% | 50.0% | 65.0% | 85.0% |") in text
     assert "| private task |" not in text and "private test acc," not in text
 
 
@@ -148,10 +151,10 @@ def test_every_private_task_has_a_table1_row_and_an_ablation_column(two_private,
     assert "| two | -g1c0 -g1c2 +g1c1 | label_flip | g1c2 | 31.2% | 70.0% | 45.0% ± " in text
     assert "| one | -g1c0 +g1c1 | label_flip | g1c0 | 75.0% | — | — |" in text  # verified elsewhere only
     # the ablation: one row per run, one private column per private task ("—": not private to that run)
-    assert ("| test var < 0.5 | private test acc, g1c0 | private test acc, g1c2 | desirable test acc |\n"
-            "|---|---|---|---|---|---|---|---|---|\n") in text
-    assert "| two | per_location | 12.5% | 50.0% | — | — | 55.0% | 45.0% | 85.0% |" in text
-    assert "| one | per_location | 12.5% | 50.0% | — | — | — |" in text
+    assert ("| test spread < 0.5 | private test acc, g1c0 | private test acc, g1c2 | desirable test acc |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n") in text
+    assert "| two | per_location | 12.5% | 50.0% | — | — | — | — | 55.0% | 45.0% | 85.0% |" in text
+    assert "| one | per_location | 12.5% | 50.0% | — | — | — | — | — |" in text
     ablation = {r["run"]: r for r in report["ablation"]}
     assert ablation["two"]["private_tests"] == {"g1c0": 0.55, "g1c2": 0.45}
     assert ablation["two"]["private_test"] == 0.55  # the first private task, as before

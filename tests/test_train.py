@@ -59,6 +59,22 @@ def test_encoder_step_changes_only_encoder_weights(tiny_config, loss, device):
     assert all(p.requires_grad for p in players.classifier_parameters())
 
 
+def test_encoder_step_adds_the_tail_penalty_only_with_a_kurtosis_limit(tiny_config, device):
+    images, labels = torch.randn(16, 3, 16, 16, device=device), torch.randint(0, 2, (16, 1), device=device)
+    off = encoder_step(_players(tiny_config, device), torch.optim.SGD(_players(tiny_config).encoder.parameters(), 0.0),
+                       images, labels, labels[:, 0], "label_flip", alpha=0.5)
+    assert "encoder_tail_penalty" not in off
+    players = _players(tiny_config, device)
+    # a limit of 1.01 sits below any tanh output's kurtosis: the penalty is positive
+    on = encoder_step(players, torch.optim.SGD(players.encoder.parameters(), 0.0), images, labels, labels[:, 0],
+                      "label_flip", alpha=0.5, kurtosis_limit=1.01)
+    assert on["encoder_tail_penalty"].item() > 0
+    assert on["encoder_loss"].item() == pytest.approx(
+        (on["encoder_private0_loss"] + 0.5 * on["encoder_desirable_loss"] + on["encoder_tail_penalty"]).item(),
+        rel=1e-5)
+    assert on["encoder_private0_loss"].item() == pytest.approx(off["encoder_private0_loss"].item(), rel=1e-5)
+
+
 def test_desirable_target_combines_tasks_as_n_plus_one_way():
     columns = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]])
     assert desirable_target(columns).tolist() == [0, 1, 2, 1]

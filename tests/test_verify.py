@@ -78,6 +78,7 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
         assert r["curve"][0][0] == 2  # evaluated every eval_every iterations
         # the variance constraint on the task's test images (unseen): fractions of the output elements
         assert 0 <= r["test_collapse_zero_var_frac"] <= r["test_collapse_low_var_frac"] <= 1
+        assert 0 <= r["test_collapse_zero_spread_frac"] <= r["test_collapse_low_spread_frac"] <= 1
         assert r["test_output_var_mean"] > 0
     saved = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert saved == json.loads(json.dumps(records))

@@ -142,9 +142,12 @@ def encoder_step(
     encoder_loss: str,
     alpha: float,
     amp: bool = False,
+    kurtosis_limit: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """(2) The encoder minimizes its private term (label flip by default) plus alpha times the
-    desirable classifier's cross-entropy (Sec. 3: min_E I_u(E) - alpha I_v(E)).
+    desirable classifier's cross-entropy (Sec. 3: min_E I_u(E) - alpha I_v(E)), plus, with a
+    ``kurtosis_limit``, the excess of its outputs' kurtosis over the batch above it
+    (:func:`privenc.losses.tail_penalty`; 0 = off, the paper's loss).
 
     The classifiers are fixed: their parameters get no gradient (requires_grad is switched
     off for the step) and only the encoder's optimizer steps.
@@ -179,6 +182,10 @@ def encoder_step(
                 utility = losses.classifier_loss(logits, desirable_labels)
                 total = total + alpha * utility
                 stats["encoder_desirable_loss"] = utility.detach()
+            if kurtosis_limit:
+                penalty = losses.tail_penalty(encodings, kurtosis_limit)
+                total = total + penalty
+                stats["encoder_tail_penalty"] = penalty.detach()
         total.backward()
         optimizer.step()
     finally:

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.classifier_steps=S (classifier updates per encoder update; default 1, "
                                    "the demo preset's 4). After the last step the encoder's normalization statistics "
                                    "are re-estimated on up to train.recalibrate_images training images (default "
-                                   "4096; 0 keeps training's running averages) seen as verification sees them.")
+                                   "4096; 0 keeps training's running averages) seen as verification sees them. "
+                                   "train.kurtosis_limit=L (default 0, off) makes the encoder pay for output "
+                                   "elements whose kurtosis over the batch exceeds L: unit variance held by a few "
+                                   "images.")
     _add_config_args(p, default=None, default_help="demo; with --resume, the run's own config.toml")
     p.add_argument("--out", metavar="RUN", help="new run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")

@@ -117,3 +117,25 @@ def encoder_private_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) 
     if name == "negative_ce":
         return negative_ce(logits, labels)
     raise ValueError(f"unknown encoder loss {name!r}; choose one of: {', '.join(ENCODER_LOSSES)}")
+
+
+def kurtosis_over_batch(encodings: torch.Tensor) -> torch.Tensor:
+    """The kurtosis E[(e - mean)^4] / var^2 over the batch (dim 0) of every element of
+    ``encodings`` (B, ...): 3 for a normal distribution, 1/(p(1-p)) - 3 for a value that sits
+    at one level for a fraction 1 - p of the images and another for p. An element that does not
+    vary over the batch reads 0."""
+    centred = encodings.float().flatten(1) - encodings.float().flatten(1).mean(0)
+    m2 = centred.square().mean(0)
+    return centred.square().square().mean(0) / (m2.square() + 1e-12)
+
+
+def tail_penalty(encodings: torch.Tensor, limit: float) -> torch.Tensor:
+    """Mean over the encoding's elements of how far their kurtosis over the batch exceeds
+    ``limit`` (0 where it does not): what ``train.kurtosis_limit`` adds to the encoder's loss.
+
+    The output normalization holds every element to unit variance over the batch, and an encoder
+    that hides everything can meet that with an output that is one constant for nearly every
+    image and far off for a rare few: unit variance, no information about the rest
+    (docs/results.md, the variance-only encoders on lfw-faces). Such an element has a large
+    kurtosis; bounding it forces the variance to be spread over the images."""
+    return (kurtosis_over_batch(encodings) - limit).clamp(min=0).mean()

@@ -273,9 +273,9 @@ def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]],
     private_head = "".join(f" private test acc, {t} |" for t in columns) or " private test acc |"
     # On unseen images: verification's test encodings of the run's first private task (verify.json
     # records of this version on); "—" for older records.
-    lines = [f"| run | normalization | output var ~0 | output var < 0.5 | test var ~0 | test var < 0.5 |{private_head} "
-             "desirable test acc |",
-             "|---" * (7 + max(1, len(columns))) + "|"]
+    lines = [f"| run | normalization | output var ~0 | output var < 0.5 | test var ~0 | test var < 0.5 "
+             f"| test spread ~0 | test spread < 0.5 |{private_head} desirable test acc |",
+             "|---" * (9 + max(1, len(columns))) + "|"]
     rows = []
     for run in runs:
         private_tests = {task: test_acc(run, task) for task in run["private"]}
@@ -289,12 +289,15 @@ def ablation_table(runs: list[dict[str, Any]], records: list[dict[str, Any]],
         unseen = best.get((run["name"], run["private"][0])) or {}
         row["test_zero_var"] = unseen.get("test_collapse_zero_var_frac")
         row["test_low_var"] = unseen.get("test_collapse_low_var_frac")
+        row["test_zero_spread"] = unseen.get("test_collapse_zero_spread_frac")
+        row["test_low_spread"] = unseen.get("test_collapse_low_spread_frac")
         rows.append(row)
         # "—" also in the column of a task that another run hides and this one does not
         private_cells = [_ablation_private_cell(row, t) for t in columns] or \
             [_ablation_private_cell(row, run["private"][0])]
         lines.append(f"| {run['name']} | {run['norm']} | {_pct(row['zero_var'])} | {_pct(row['low_var'])} | "
                      f"{_pct(row['test_zero_var'])} | {_pct(row['test_low_var'])} | "
+                     f"{_pct(row['test_zero_spread'])} | {_pct(row['test_low_spread'])} | "
                      + " | ".join(private_cells) + f" | {_pct(row['desirable_test'])} |")
     if any(row["audit_private_tests"] for row in rows):
         lines += ["", AUDIT_NOTE.replace(", whose number follows in parentheses where shown", "")]
@@ -473,8 +476,8 @@ def ablation_seeded(groups: list[dict[str, Any]], records: list[dict[str, Any]],
     columns = list(dict.fromkeys(t for run in firsts for t in run["private"])) if _several_private(firsts) else []
     private_head = "".join(f" private test bal. acc, {t} |" for t in columns) or " private test bal. acc |"
     lines = [f"| configuration | normalization | seeds | output var ~0 | output var < 0.5 | test var ~0 "
-             f"| test var < 0.5 |{private_head} desirable test bal. acc |",
-             "|---" * (8 + max(1, len(columns))) + "|"]
+             f"| test var < 0.5 | test spread ~0 | test spread < 0.5 |{private_head} desirable test bal. acc |",
+             "|---" * (10 + max(1, len(columns))) + "|"]
     rows = []
     for group in groups:
         first, members = group["runs"][0], group["runs"]
@@ -484,6 +487,8 @@ def ablation_seeded(groups: list[dict[str, Any]], records: list[dict[str, Any]],
                **_stats("low_var", [run["collapse_low_var_frac"] for run in members]),
                **_stats("test_zero_var", [r.get("test_collapse_zero_var_frac") for r in unseen]),
                **_stats("test_low_var", [r.get("test_collapse_low_var_frac") for r in unseen]),
+               **_stats("test_zero_spread", [r.get("test_collapse_zero_spread_frac") for r in unseen]),
+               **_stats("test_low_spread", [r.get("test_collapse_low_spread_frac") for r in unseen]),
                "private_tests": {task: _number_stats(_seed_numbers(group, task, best, audits))
                                  for task in first["private"]},
                "desirable_test": _number_stats(_seed_numbers(group, first["desirable"][0], best, audits))
@@ -497,7 +502,8 @@ def ablation_seeded(groups: list[dict[str, Any]], records: list[dict[str, Any]],
         desirable = "—" if row["desirable_test"] is None else _mean_sd(row["desirable_test"], "test_bacc", n)
         lines.append(f"| {row['configuration']} | {row['norm']} | {_seeds_cell(group['seeds'])} "
                      + "".join(f"| {_mean_sd(row, key, n)} " for key in ("zero_var", "low_var", "test_zero_var",
-                                                                          "test_low_var"))
+                                                                          "test_low_var", "test_zero_spread",
+                                                                          "test_low_spread"))
                      + "| " + " | ".join([private(t) for t in columns] or [private(first["private"][0])])
                      + f" | {desirable} |")
     if any(stats["audited_seeds"] for row in rows for stats in row["private_tests"].values()):
@@ -544,7 +550,7 @@ TABLE1_COLUMNS = ["run", "encoder", "encoder_loss", "task", "within_training_val
 TABLE2_COLUMNS = ["encoder", "label", "task", "role", "test_acc", "ci95", "n_test", "saturated", "chance",
                   "info_bits", "test_bacc", "test_bacc_lo", "test_bacc_hi", "bacc_chance"]
 ABLATION_COLUMNS = ["run", "norm", "zero_var", "low_var", "private_task", "private_test", "desirable_test",
-                    "test_zero_var", "test_low_var"]
+                    "test_zero_var", "test_low_var", "test_zero_spread", "test_low_spread"]
 # An audit's worst case beside plain verification's numbers (empty where not audited), last again.
 AUDIT_COLUMNS = ["audit_test_bacc", "audit_test_bacc_lo", "audit_test_bacc_hi", "audit_test_acc", "audit_attack",
                  "audit_converged"]
@@ -561,7 +567,8 @@ TABLE2_SEEDED_COLUMNS = ["encoder", "label", "runs", "seeds", "n_seeds", "task",
                          "test_bacc_hi", "saturated", "bacc_chance"]
 ABLATION_SEEDED_COLUMNS = ["configuration", "runs", "seeds", "n_seeds", "norm", "zero_var_mean", "zero_var_sd",
                            "low_var_mean", "low_var_sd", "test_zero_var_mean", "test_zero_var_sd",
-                           "test_low_var_mean", "test_low_var_sd", "private_task",
+                           "test_low_var_mean", "test_low_var_sd", "test_zero_spread_mean", "test_zero_spread_sd",
+                           "test_low_spread_mean", "test_low_spread_sd", "private_task",
                            *(f"private_{c}" for c in _SPREAD), "desirable_test_bacc_mean", "desirable_test_bacc_sd"]
 SEEDS_COLUMNS = ["configuration", "run", "seed", "task", "role", "source", "test_bacc", "test_bacc_lo",
                  "test_bacc_hi", "test_acc", "verify_test_bacc", "verify_test_bacc_lo", "verify_test_bacc_hi",
@@ -687,7 +694,10 @@ def build_report(inputs: list[Path], out_dir: Path, figures: bool = True) -> dic
                      "Fraction of pre-tanh output elements whose variance over images is ~0 (< 1e-4) and < 0.5; "
                      "the variance constraint asks for 1. \"output var\": the validation batches of training's "
                      "last log; \"test var\": the test images of the run's first private task, as verification "
-                     "encodes them (images the encoder never trained on).", "", ab, ""]
+                     "encodes them (images the encoder never trained on). \"test spread\": the same with each "
+                     "element's interquartile range in place of its variance (((q75 - q25) / 1.349)^2, a normal "
+                     "distribution's variance): an element constant for most images and far off for a few keeps "
+                     "unit variance but has spread ~0.", "", ab, ""]
     if seeded:
         sections += ["## Per seed — every training seed's number", "",
                      "Test balanced accuracy of each run (one training seed) with its bootstrap 95% interval over "

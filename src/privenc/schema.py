@@ -139,6 +139,12 @@ class TrainConfig:
     weights and fresh Adam moments, one ensemble member at a time in rotation, so the encoder
     always faces trained members too (Wu et al., ECCV 2018, "budget model restarting"). The
     desirable classifier is never reset."""
+    kurtosis_limit: float = 0.0
+    """0 (the paper's loss) or a bound on the kurtosis over the batch of every encoder output
+    element: the encoder also pays the mean excess above it (losses.tail_penalty). Unit variance
+    alone can be met by an output that is constant for nearly every image and far off for a few
+    (docs/results.md: the variance-only encoders on lfw-faces); 3, a normal distribution's
+    kurtosis, forbids that, and leaves encoders whose tanh outputs read 1.6-2.1 alone."""
     recalibrate_images: int = 4096
     """After training, the encoder's normalization statistics are re-estimated, layer by layer,
     on up to this many training images seen through the evaluation view (norms.recalibrate):
@@ -276,6 +282,9 @@ def validate(config: Config) -> None:
     _require(t.recalibrate_images >= 0,
              f"train.recalibrate_images must be >= 0 (training images for the encoder's final normalization "
              f"statistics; 0 = keep the running statistics of training), got {t.recalibrate_images}")
+    _require(t.kurtosis_limit == 0 or t.kurtosis_limit > 1,
+             f"train.kurtosis_limit must be 0 (off) or above 1 (a kurtosis is at least 1; 3 = a normal "
+             f"distribution's), got {t.kurtosis_limit}")
     _require(t.adversary_reset_every >= 0,
              f"train.adversary_reset_every must be >= 0 (encoder steps between resets of a private classifier; "
              f"0 = never), got {t.adversary_reset_every}")

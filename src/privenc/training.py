@@ -283,7 +283,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: d
             for group in state.encoder_opt.param_groups:
                 group["lr"] = encoder_lr(config, state.step)
             stats.update(encoder_step(encoder_side, state.encoder_opt, *to_device(next(stream)),
-                                      t.encoder_loss, t.alpha, t.amp))
+                                      t.encoder_loss, t.alpha, t.amp, t.kurtosis_limit))
         state.step += 1
         state.add(_finite(logged_values(stats), state, world, device, checkpoint_path))
         bar.update(1)
