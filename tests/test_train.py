@@ -12,6 +12,7 @@ from privenc import checkpoint as ckpt
 from privenc.adversarial import Players, classifier_step, encoder_step
 from privenc.config import load_config
 from privenc.errors import TrainingError
+from privenc.losses import tail_penalty
 from privenc.models import Classifier, Encoder
 from privenc.runs import load_encoder
 from privenc.training import compile_encoder, desirable_target, encoder_lr, train
@@ -73,6 +74,28 @@ def test_encoder_step_adds_the_tail_penalty_only_with_a_kurtosis_limit(tiny_conf
         (on["encoder_private0_loss"] + 0.5 * on["encoder_desirable_loss"] + on["encoder_tail_penalty"]).item(),
         rel=1e-5)
     assert on["encoder_private0_loss"].item() == pytest.approx(off["encoder_private0_loss"].item(), rel=1e-5)
+
+
+def test_the_tail_penalty_reads_the_values_before_the_tanh_through_a_wrapper(tiny_config):
+    class Wrapper(nn.Module):  # stands for DDP: the plain module under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    players = _players(tiny_config)
+    images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 2, (16, 1))
+    with torch.no_grad():  # training mode: the same batch gives the same values
+        pre_tanh = players.encoder.layers[:-1](images)
+    wrapped = replace(players, encoder=Wrapper(players.encoder))
+    stats = encoder_step(wrapped, torch.optim.SGD(players.encoder.parameters(), 0.0), images, labels, labels[:, 0],
+                         "label_flip", alpha=0.5, kurtosis_limit=1.5)
+    assert stats["encoder_tail_penalty"].item() == pytest.approx(tail_penalty(pre_tanh, 1.5).item(), rel=1e-5)
+    assert stats["encoder_tail_penalty"].item() != pytest.approx(tail_penalty(torch.tanh(pre_tanh), 1.5).item(),
+                                                                 rel=1e-3)
+    assert not players.encoder.layers[-1]._forward_hooks  # the tap is gone after the step
 
 
 def test_desirable_target_combines_tasks_as_n_plus_one_way():

@@ -130,8 +130,9 @@ def kurtosis_over_batch(encodings: torch.Tensor) -> torch.Tensor:
 
 
 def tail_penalty(encodings: torch.Tensor, limit: float) -> torch.Tensor:
-    """Mean over the encoding's elements of how far their kurtosis over the batch exceeds
-    ``limit`` (0 where it does not): what ``train.kurtosis_limit`` adds to the encoder's loss.
+    """Mean over the elements of ``encodings`` (B, ...; the encoder applies it to the values
+    its tanh receives) of how far their kurtosis over the batch exceeds ``limit`` (0 where it
+    does not): what ``train.kurtosis_limit`` adds to the encoder's loss.
 
     The output normalization holds every element to unit variance over the batch, and an encoder
     that hides everything can meet that with an output that is one constant for nearly every
