@@ -137,6 +137,6 @@ def tail_penalty(encodings: torch.Tensor, limit: float) -> torch.Tensor:
     The output normalization holds every element to unit variance over the batch, and an encoder
     that hides everything can meet that with an output that is one constant for nearly every
     image and far off for a rare few: unit variance, no information about the rest
-    (docs/results.md, the variance-only encoders on lfw-faces). Such an element has a large
-    kurtosis; bounding it forces the variance to be spread over the images."""
+    (docs/results.md: the variance-only encoders on lfw-faces and intel-scenes). Such an
+    element has a large kurtosis; bounding it forces the variance to be spread over the images."""
     return (kurtosis_over_batch(encodings) - limit).clamp(min=0).mean()
