@@ -171,3 +171,36 @@ def test_reproduce_refuses_a_single_task_and_an_unknown_run(tmp_path, monkeypatc
         with pytest.raises(SystemExit):
             _module().main()
         assert message in capsys.readouterr().err
+
+
+def test_collapse_reads_the_values_the_tanh_receives_on_every_image_of_the_split(finished_run, monkeypatch,
+                                                                                 capsys):
+    import sys
+
+    import pytest
+    import torch
+
+    from privenc import runs
+    from privenc.data import prepare
+    from privenc.data.transforms import BatchTransform
+
+    spec = importlib.util.spec_from_file_location("collapse", SCRIPT.with_name("collapse.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pre, out = module.pre_tanh_outputs(finished_run, "test", batch_size=5)  # batches of 5: several
+    config = runs.read_config(finished_run)
+    test = prepare(config.data, ["g1c0", "g1c1"], run_dir=finished_run).uint8_dataset("test")
+    with torch.no_grad():
+        encoded = runs.read_encoder(finished_run).module.eval()(
+            BatchTransform(config.data, augment=False)(torch.stack([image for image, _ in test])))
+    assert len(pre) == len(test) > 5
+    assert torch.allclose(out, encoded, atol=1e-6)
+    assert not torch.allclose(pre, out, atol=1e-3)  # before the tanh, not after it
+    monkeypatch.setattr(sys, "argv", ["collapse.py", str(finished_run), str(finished_run.parent)])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert "not a finished run folder" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["collapse.py", str(finished_run)])
+    module.main()
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {finished_run.name} | {len(test)} | ") and row.count("%") == 5
