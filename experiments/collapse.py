@@ -34,13 +34,9 @@ def pre_tanh_outputs(run: Path, split: str, batch_size: int = 256) -> tuple[torc
     encoder = runs.read_encoder(run).module.eval()
     data = prepare(config.data, list(config.train.private) + list(config.train.desirable), run_dir=run)
     view = BatchTransform(config.data, augment=False)
-    images = data.uint8_dataset(split)
-    values = []
+    loader = torch.utils.data.DataLoader(data.uint8_dataset(split), batch_size=batch_size, shuffle=False)
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([images[i][0] for i in range(start, min(start + batch_size, len(images)))])
-            values.append(encoder.layers[:-1](view(batch)))
-    pre = torch.cat(values)
+        pre = torch.cat([encoder.layers[:-1](view(images)) for images, _ in loader])
     return pre, torch.tanh(pre)
 
 
