@@ -5,9 +5,11 @@ within 10 minutes on 2 cores, the full audit's time beside it).
 
 RUN is a trained demo-size run folder (``privenc train --config demo``, or ``make demo``'s
 ``demo-out/runs/label_flip``); the benchmark audits it into a fresh temporary folder (nothing is
-reused from an earlier audit) and prints a table: wall time of the zoo search and of each extra
-attack, and the attackers' own seconds per round and family (their sum over parallel workers,
-so it can exceed the wall time). Run it on an idle machine: the times are what it measures.
+reused from an earlier audit but the reconstruction attack's raw-image attacker, which
+``CACHE/attackers/`` keeps across encoders: remove it to time a first audit) and prints the wall
+time of the zoo search and of the whole audit, and a table of the attackers' own seconds per
+round and family (their sum over parallel workers, so it can exceed the wall time). Run it on
+an idle machine: the times are what it measures.
 """
 
 from __future__ import annotations
@@ -63,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         per_round[(trial["round"], trial["attacker"])] += trial["seconds"]
     verdict = result["verdicts"][args.task]
     worst = verdict["worst_case"]
+    # the extra attacks start only once the task's search has stopped, so its rounds' wall time is the search's
+    search = sum(result["round_seconds"][args.task])
     lines = [f"### `python benchmarks/audit.py --encoder {args.encoder} --task {args.task} --max-rounds "
              f"{args.max_rounds} --jobs {args.jobs}`", "",
              f"- machine: {', '.join(f'{k}: {v}' for k, v in machine().items())}",
              f"- load average before {load_before}, after {load_average()}",
              f"- commit: {git_revision()}; {os.cpu_count()} cores",
+             f"- the zoo search (its rounds, encodings included): **{search:.0f} s** wall ({search / 60:.1f} min)",
              f"- whole audit: **{wall:.0f} s** wall ({wall / 60:.1f} min); rounds run: {verdict['rounds_run']}, "
              f"stopped by {verdict['stopped_by']}",
              f"- worst case: {worst.get('attack', 'zoo')} `{worst['attacker']}` lr {worst['lr']:g}, test balanced "

@@ -68,6 +68,10 @@ def test_a_huge_margin_stops_after_round_one(finished):
     assert len(list((out / "trials" / "g1c0").glob("*.json"))) == 1 + len(ATTACKERS) * 2 * 2
     assert json.loads((out / "audit.json").read_text()) == json.loads(json.dumps(result))
     assert "Converged after round 1" in (out / "audit.md").read_text()
+    # each round's wall time, beside the verdict and not in it (a resumed audit must not change a verdict)
+    walls = result["round_seconds"]["g1c0"]
+    assert len(walls) == 2 and all(s > 0 for s in walls) and "seconds" not in rounds[0]
+    assert "| rise (points) | wall time, this call |" in (out / "audit.md").read_text()
 
 
 def test_every_attack_that_applies_runs_by_default(finished):
@@ -141,6 +145,7 @@ def test_a_rerun_reads_the_same_numbers_without_training(copy, monkeypatch):
     _no_training(monkeypatch)
     again = audit("blur", config, ["g1c0"], out, margin=99.0, max_rounds=5, progress=False)
     assert again["verdicts"] == first["verdicts"]
+    assert len(again["round_seconds"]["g1c0"]) == again["verdicts"]["g1c0"]["rounds_run"]
     # its own wall time is only that of reading back; the attackers' seconds are all still counted
     trials = [json.loads(p.read_text()) for p in out.glob("trials/g1c0/*.json")]
     attacks = [r for p in out.glob("attacks/g1c0/*.json") for r in json.loads(p.read_text())["records"]]

@@ -294,6 +294,9 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     threads = max(1, (os.cpu_count() or 1) // jobs)
     extra = [name for name in chosen if name != ZOO]
     searches: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]], str]] = {}
+    # Wall time of each round in this call, kept out of the verdicts: a resumed round reads its
+    # trials back in ~0 s, and a verdict must not depend on how often the audit was resumed.
+    round_seconds: dict[str, list[float]] = {}
     outcomes: dict[str, list[dict[str, Any]]] = {}
     started_attacks: dict[str, list[dict[str, Any] | Future[str]]] = {}
     attack_encoder: LoadedEncoder | None = None
@@ -310,9 +313,11 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                     stopped_by = "max_minutes"
                     break
                 trials = round_trials(settings, lr, k)
+                round_started = time.time()
                 found = _run_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device, threads,
                                    progress)
                 records += found
+                round_seconds.setdefault(task, []).append(round(time.time() - round_started, 1))
                 best = max(map(selection_score, records))
                 rise = None if not rounds else best - rounds[-1]["best_val_bacc"]
                 rounds.append({"round": k, "attackers": len(trials), "patience": trials[0].patience,
@@ -355,6 +360,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
               # every attacker's own seconds, also those read back from an earlier invocation
               # (a resumed audit's "seconds" counts only its own)
               "attacker_seconds": round(sum(r.get("seconds") or 0.0 for r in every_record), 1),
+              "round_seconds": round_seconds,
               "verdicts": verdicts,
               "failed": [t for t, v in verdicts.items() if v["failed"]]}
     from privenc.figures import audit_figure

@@ -81,6 +81,11 @@ def verdict_line(v: dict[str, Any], margin: float) -> str:
     return text
 
 
+def _wall(seconds: float) -> str:
+    """A round's wall time in this call (a resumed round that reads its trials back: ~0 s)."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def audit_markdown(result: dict[str, Any]) -> str:
     margin = result["margin_points"]
     label = f" ({result['encoder_label']})" if result.get("encoder_label") else ""
@@ -114,14 +119,16 @@ def audit_markdown(result: dict[str, Any]) -> str:
                              f"| {100 * a['test_bacc_best']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
         lines += ["",
                   "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
-                  "| round's best val bal. acc | best so far | rise (points) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round's best val bal. acc | best so far | rise (points) | wall time, this call |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        walls = result.get("round_seconds", {}).get(task, [])
         for r in v["rounds"]:
+            wall = _wall(walls[r["round"]]) if r["round"] < len(walls) else "—"
             rise = "—" if r["rise"] is None else f"{100 * r['rise']:.2f}"
             lines.append(f"| {r['round']} | {r['attackers']} | {', '.join(r['families'])} "
                          f"| {', '.join(f'{x:g}' for x in r['lrs'])} | {', '.join(map(str, r['seeds']))} "
                          f"| {r['patience']} | {r['views']} | {r['max_iters']} | {100 * r['round_best_val_bacc']:.1f}% "
-                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} |")
+                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} | {wall} |")
         lines.append("")
     lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
               "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
