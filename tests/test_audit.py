@@ -13,7 +13,7 @@ import pytest
 
 import privenc.audit as audit_module
 from conftest import TINY
-from privenc.audit import LR_LADDER, audit, converged, round_trials
+from privenc.audit import LR_LADDER, audit, confirmed_score, converged, round_trials
 from privenc.cli import main
 from privenc.config import ATTACKERS, load_config
 from privenc.errors import ConfigError, DataError
@@ -72,7 +72,14 @@ def test_a_huge_margin_stops_after_round_one(finished):
     walls = result["round_seconds"]["g1c0"]
     assert len(walls) == 2 and all(s >= 0 for s in walls) and walls[1] > 0 and "seconds" not in rounds[0]
     assert sum(walls) <= result["seconds"] + 0.1  # the rounds are parts of the call's wall time
-    assert "| rise (points) | wall time, this call |" in (out / "audit.md").read_text()
+    assert "| confirmed rise (points) | wall time, this call |" in (out / "audit.md").read_text()
+    # every trial keeps its validation halves, and each round the confirmed score of the search so far
+    trials = [json.loads(p.read_text()) for p in (out / "trials" / "g1c0").glob("*.json")]
+    assert all(len(t["val_bacc_halves"]) == 2 for t in trials)
+    assert [r["confirmed_bacc"] for r in rounds] == [
+        confirmed_score([t for t in trials if t["round"] <= k]) for k in range(2)]
+    assert verdict["stop_rule"] == "confirmed" and verdict["last_confirmed_rise_points"] == pytest.approx(
+        100 * (rounds[1]["confirmed_bacc"] - rounds[0]["confirmed_bacc"]))
 
 
 def test_every_attack_that_applies_runs_by_default(finished):
@@ -211,3 +218,62 @@ def test_a_rise_of_exactly_the_margin_is_not_convergence():
     assert not converged(rise, 1.0)
     assert converged(0.0099, 1.0)
     assert converged(0.0, 0.5) and not converged(0.006, 0.5)
+
+
+def _scripted_rounds(monkeypatch, script):
+    """Replace the training of a round by records made up per round: (selection half, confirmation
+    half) per attacker, the whole validation score their mean."""
+    base = {"encoder": "blur", "task": "g1c0", "role": "other", "attack": "zoo", "chance": 0.5, "bacc_chance": 0.5,
+            "n_test": 100, "iters": 10, "saturated": True, "test_acc_best": 0.6, "test_bacc_best": 0.6,
+            "test_bacc_ci95": [0.5, 0.7], "info_bits": 0.1, "val_acc_best": 0.6, "seconds": 1.0}
+
+    def run_round(spec, config_dict, task, role, trials, *args):
+        halves = script[trials[0].round]
+        return [dict(base, attacker=t.family, lr=t.lr, seed=t.seed, round=t.round, patience=t.patience,
+                     views=t.views, val_bacc_halves=list(h), val_bacc_best=sum(h) / 2)
+                for t, h in zip(trials, halves + [(0.5, 0.5)] * (len(trials) - len(halves)))]
+
+    monkeypatch.setattr(audit_module, "_run_round", run_round)
+
+
+def test_a_rise_by_selection_alone_is_not_confirmed(tiny_config, tmp_path, monkeypatch):
+    # Round 1's best attacker is lucky on the selection half (0.80) and no better than round 0's on
+    # the confirmation half (0.70): the best validation score rose 5 points, the confirmed score not.
+    script = {0: [(0.70, 0.70)], 1: [(0.80, 0.70), (0.72, 0.72)], 2: [(0.90, 0.71)]}
+    _scripted_rounds(monkeypatch, script)
+    result = audit("blur", tiny_config, ["g1c0"], tmp_path / "c", max_rounds=3, attacks=["zoo"], progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["converged"], verdict["stopped_by"], verdict["rounds_run"]) == (True, "margin", 2)
+    assert verdict["last_rise_points"] == pytest.approx(5.0)
+    assert verdict["last_confirmed_rise_points"] == pytest.approx(0.0, abs=1e-6)
+    assert [r["confirmed_bacc"] for r in verdict["rounds"]] == pytest.approx([0.70, 0.70])
+    text = (tmp_path / "c" / "audit.md").read_text()
+    assert "Converged after round 1 (last confirmed rise 0.00 < 1 points)" in text
+    assert "rose 5.00 points in that round" in text
+    # the rule the issue first asked for keeps searching on the same records, to the round budget
+    result = audit("blur", tiny_config, ["g1c0"], tmp_path / "v", max_rounds=3, attacks=["zoo"], progress=False,
+                   stop_rule="validation")
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["converged"], verdict["stopped_by"], verdict["rounds_run"]) == (False, "max_rounds", 3)
+    assert "the last round still rose 5.50 points (rise of the best validation score)" in (
+        tmp_path / "v" / "audit.md").read_text()
+
+
+def test_a_confirmed_rise_keeps_the_search_going(tiny_config, tmp_path, monkeypatch):
+    # a better attacker on both halves is a real rise: round 2 is searched, and there it stops
+    _scripted_rounds(monkeypatch, {0: [(0.70, 0.70)], 1: [(0.76, 0.75)], 2: [(0.77, 0.755)]})
+    result = audit("blur", tiny_config, ["g1c0"], tmp_path / "c", max_rounds=5, attacks=["zoo"], progress=False)
+    verdict = result["verdicts"]["g1c0"]
+    assert (verdict["converged"], verdict["rounds_run"]) == (True, 3)
+    assert [r["confirmed_rise"] for r in verdict["rounds"]] == pytest.approx([None, 0.05, 0.005])
+
+
+def test_confirmed_score_needs_halves_on_every_record():
+    assert confirmed_score([{"val_bacc_halves": [0.9, 0.6]}, {"val_bacc_halves": [0.8, 0.8]}]) == 0.6
+    assert confirmed_score([{"val_bacc_halves": [0.9, 0.6]}, {"val_bacc_best": 0.8}]) is None
+    assert confirmed_score([]) is None
+
+
+def test_an_unknown_stop_rule_is_a_config_error(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="stop-rule"):
+        audit("blur", tiny_config, ["g1c0"], tmp_path / "a", stop_rule="test", progress=False)

@@ -279,3 +279,17 @@ def test_the_kept_checkpoint_is_the_one_with_the_best_validation_balanced_accura
     assert result.val_acc_best < max(row[1] for row in result.curve)  # here not the best-accuracy one
     lo, hi = result.test_bacc_ci95
     assert lo <= result.test_bacc_best <= hi
+
+
+def test_the_confirmation_halves_split_every_class_and_stay_fixed():
+    from privenc.attackers import confirmation_split, half_scores
+
+    labels = torch.tensor([0] * 7 + [1] * 4 + [2] * 1 + [-1] * 2)
+    mask = confirmation_split(labels)
+    assert torch.equal(mask, confirmation_split(labels.clone()))  # the same halves for every attacker
+    assert [int(mask[labels == c].sum()) for c in (0, 1, 2)] == [4, 2, 1]  # each class halved
+    # a predictor right on exactly the selection half's images of class 0
+    predictions = labels.clone()
+    predictions[(labels == 0) & mask] = 1
+    selection, confirmation = half_scores(predictions, labels)
+    assert selection == pytest.approx(1.0) and confirmation == pytest.approx((0 + 1 + 1) / 3)

@@ -145,6 +145,9 @@ class AttackerResult:
     test_bacc_ci95: list[float] = field(default_factory=list)  # [lo, hi], bootstrap over test images
     val_bacc_final: float = float("nan")
     test_bacc_final: float = float("nan")
+    # The best checkpoint's validation balanced accuracy on the two halves of
+    # :func:`confirmation_split` ([selection, confirmation]): the audit's stopping rule.
+    val_bacc_halves: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -183,6 +186,29 @@ def balanced_accuracy_chance(labels: torch.Tensor) -> float:
     """1/K for the K classes present: what any attacker that ignores its input scores in
     balanced accuracy (always one class: recall 1 on it, 0 on the others)."""
     return 1.0 / max(1, len(labels.unique()))
+
+
+def confirmation_split(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A boolean mask over the validation images: True for the confirmation half. Each class is
+    split in two by a fixed permutation, so every attacker of one task sees the same halves.
+
+    Why: the best validation score over many attackers rises by selection alone (the winner of
+    many draws on one split), so an audit that stops when it stops rising may never stop. Chosen
+    on the selection half, an attacker's score on the confirmation half is not inflated by that
+    choice (docs/results.md, 2026-12-01)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        index = (labels == c).nonzero().flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        mask[index[len(index) // 2:]] = True
+    return mask
+
+
+def half_scores(predictions: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """[selection half, confirmation half] balanced accuracy of ``predictions`` on validation."""
+    mask = confirmation_split(labels)
+    return [balanced_accuracy(predictions[~mask], labels[~mask]), balanced_accuracy(predictions[mask], labels[mask])]
 
 
 def bootstrap_balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor, resamples: int = 1000,
@@ -279,7 +305,8 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, val_best.acc, test_best.acc,
                           test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),
                           val_bacc_best=val_best.bacc, test_bacc_best=test_best.bacc, test_bacc_ci95=interval,
-                          val_bacc_final=val_final.bacc, test_bacc_final=test_final.bacc)
+                          val_bacc_final=val_final.bacc, test_bacc_final=test_final.bacc,
+                          val_bacc_halves=half_scores(val_best.predictions, data.y["val"]))
 
 
 # --------------------------------------------------------------------------- information estimate

@@ -202,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "whole zoo (paper, wide, mlp, linear) with 2x the patience and iterations, 2x "
                                    "the views (up to 8), one more seed per round and more learning rates "
                                    "(1e-3, 1e-4, then "
-                                   "1e-5), until a round raises the best validation balanced accuracy by less "
-                                   "than --margin, or the budget runs out (then the verdict says 'not "
-                                   "converged'). The attacker chosen on validation is reported on test: balanced "
-                                   "accuracy (mean per-class recall) with a bootstrap 95% interval, accuracy, "
-                                   "the majority rate and bits. Resumable: finished attackers are kept in "
-                                   "OUT/trials and a rerun (also with a larger budget) reuses them. Exit status "
-                                   "1 when --fail-above is exceeded, 2 on an error.")
+                                   "1e-5), until a round raises the worst case by less than --margin (by "
+                                   "default the confirmed rise: validation is split in two halves, the best "
+                                   "attacker is chosen on one and scored on the other, so that choosing among "
+                                   "more attackers does not count as a rise), or the budget runs out (then the "
+                                   "verdict says 'not converged'). The attacker chosen on validation is "
+                                   "reported on test: balanced accuracy (mean per-class recall) with a "
+                                   "bootstrap 95% interval, accuracy, the majority rate and bits. Resumable: "
+                                   "finished attackers are kept in OUT/trials and a rerun (also with a larger "
+                                   "budget) reuses them. Exit status 1 when --fail-above is exceeded, 2 on an error.")
     p.add_argument("encoder", help="a training run folder or its encoder.pt (every attack), a LEACE folder "
                                    "(privenc erase; all but adaptive), a .safetensors, .torchscript.pt or .onnx "
                                    "export with --config for its data (all but adaptive), "
@@ -222,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained against, role 'other'")
     p.add_argument("--out", required=True, help="audit folder (audit.json, audit.md, trials/); a rerun continues it")
     p.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
-                   help="converged when a round raises the best validation balanced accuracy by less than this "
-                        "many points (default 1.0)")
+                   help="converged when a round raises the worst case's validation balanced accuracy by less "
+                        "than this many points, measured as --stop-rule says (default 1.0)")
+    p.add_argument("--stop-rule", choices=["confirmed", "validation"], default="confirmed",
+                   help="what a round's rise is measured on: 'confirmed' (default), the confirmation half of "
+                        "validation for the attacker chosen on the other half; 'validation', the best validation "
+                        "score over all attackers, which rises by selection alone as rounds add attackers")
     p.add_argument("--max-rounds", type=_positive, default=3,
                    help="at most this many rounds, round 0 included (default 3)")
     p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",

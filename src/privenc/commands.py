@@ -161,7 +161,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         tasks = list(dict.fromkeys([*tasks, *all_attribute_tasks(args.encoder, config)]))
     result = audit(args.encoder, config, tasks, Path(args.out), margin=args.margin, max_rounds=args.max_rounds,
                    max_minutes=args.max_minutes, jobs=args.jobs, identity=args.identity, fail_above=args.fail_above,
-                   device=args.device, progress=not args.no_progress, attacks=attacks)
+                   device=args.device, progress=not args.no_progress, attacks=attacks, stop_rule=args.stop_rule)
     print((Path(args.out) / "audit.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'audit.json'}")
     if result["failed"]:

@@ -20,9 +20,10 @@ STOPPED = {"max_rounds": "the round budget", "max_minutes": "the time budget"}
 
 def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[dict[str, Any]], stopped_by: str,
              margin: float, identity: dict[str, Any] | None, fail_above: float | None,
-             attacks: list[dict[str, Any]] = ()) -> dict[str, Any]:
+             attacks: list[dict[str, Any]] = (), stop_rule: str = "confirmed") -> dict[str, Any]:
     """``records``: the zoo's trials (rounds); ``attacks``: the outcomes of the extra attacks
-    (:func:`privenc.attacks.run_attack`), whose records join the choice of the worst case."""
+    (:func:`privenc.attacks.run_attack`), whose records join the choice of the worst case.
+    ``stop_rule``: which rise decided convergence (:data:`privenc.audit.STOP_RULES`)."""
     extra = [r for outcome in attacks for r in outcome.get("records", [])]
     # Chosen on validation, as verify chooses; the zoo comes first, so it wins a tie.
     worst = {"attack": "zoo", "round": None, "detail": None,
@@ -32,7 +33,11 @@ def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[di
     return {
         "task": task, "role": role,
         "converged": stopped_by == "margin", "stopped_by": stopped_by, "rounds_run": len(rounds),
-        "last_rise_points": None if rounds[-1]["rise"] is None else 100 * rounds[-1]["rise"],
+        "stop_rule": stop_rule,
+        # the best validation score's rise, and the confirmed one (the confirmation half's score of
+        # the attacker chosen on the selection half): the stopping rule reads the second by default
+        "last_rise_points": _points(rounds[-1]["rise"]),
+        "last_confirmed_rise_points": _points(rounds[-1].get("confirmed_rise")),
         "rounds": rounds,
         "worst_case": {key: worst.get(key) for key in WORST_CASE_KEYS},
         "attacks": [_attack_summary("zoo", records), *(
@@ -47,6 +52,18 @@ def verdict(task: str, role: str, records: list[dict[str, Any]], rounds: list[di
         "identity_test_bacc_ci95": None if identity is None else identity.get("test_bacc_ci95"),
         "failed": fail_above is not None and above > fail_above,
     }
+
+
+def _points(rise: float | None) -> float | None:
+    return None if rise is None else 100 * rise
+
+
+def deciding_rise_points(v: dict[str, Any]) -> tuple[float | None, str]:
+    """(the rise in points that the verdict's stopping rule read, what it was measured on)."""
+    confirmed = v.get("last_confirmed_rise_points")
+    if v.get("stop_rule", "validation") == "confirmed" and confirmed is not None:
+        return confirmed, "confirmed rise"
+    return v["last_rise_points"], "rise of the best validation score"
 
 
 def _attack_summary(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -67,15 +84,19 @@ def verdict_line(v: dict[str, Any], margin: float) -> str:
             f"{w['info_bits']:.3f} bits; plain verify {100 * v['plain_verify_test_bacc']:.1f}%")
     if v["identity_test_bacc"] is not None:
         text += f"; Identity {100 * v['identity_test_bacc']:.1f}%"
-    rise = v["last_rise_points"]
+    rise, measure = deciding_rise_points(v)
     if v["stopped_by"] == "zoo_left_out":
         text += ". The zoo search beyond round 0 was left out (--attacks)."
     elif v["converged"]:
-        text += f". Converged after round {v['rounds_run'] - 1} (last rise {rise:.2f} < {margin:g} points)."
+        text += f". Converged after round {v['rounds_run'] - 1} (last {measure} {rise:.2f} < {margin:g} points)."
     else:
         budget = STOPPED[v["stopped_by"]]
-        still = "no round after round 0 to compare" if rise is None else f"the last round still rose {rise:.2f} points"
+        still = ("no round after round 0 to compare" if rise is None
+                 else f"the last round still rose {rise:.2f} points ({measure})")
         text += f". NOT converged: {budget} ran out after round {v['rounds_run'] - 1}; {still}."
+    validation = v["last_rise_points"]
+    if measure == "confirmed rise" and validation is not None:
+        text += f" The best validation score over all attackers rose {validation:.2f} points in that round."
     if v["failed"]:
         text += " FAILED the --fail-above gate."
     return text
@@ -90,7 +111,10 @@ def audit_markdown(result: dict[str, Any]) -> str:
     margin = result["margin_points"]
     label = f" ({result['encoder_label']})" if result.get("encoder_label") else ""
     lines = [f"# privenc audit: {result['encoder']}{label}", "",
-             f"Margin {margin:g} points of validation balanced accuracy; at most {result['max_rounds']} rounds"
+             f"Margin {margin:g} points of validation balanced accuracy ("
+             + ("confirmed: the confirmation half's score of the attacker chosen on the selection half"
+                if result.get("stop_rule", "validation") == "confirmed" else "the best validation score")
+             + f"); at most {result['max_rounds']} rounds"
              + (f" and {result['max_minutes']:g} minutes" if result["max_minutes"] is not None else "")
              + f"; {result['seconds']:.0f} s of wall time in this invocation"
              + (f", {result['attacker_seconds']:.0f} attacker-seconds in all (summed over every attacker and "
@@ -119,16 +143,19 @@ def audit_markdown(result: dict[str, Any]) -> str:
                              f"| {100 * a['test_bacc_best']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
         lines += ["",
                   "| round | attackers | families | learning rates | seeds | patience | views | max iterations "
-                  "| round's best val bal. acc | best so far | rise (points) | wall time, this call |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| round's best val bal. acc | best so far | rise (points) | confirmation half, chosen so far "
+                  "| confirmed rise (points) | wall time, this call |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         walls = result.get("round_seconds", {}).get(task, [])
         for r in v["rounds"]:
             wall = _wall(walls[r["round"]]) if r["round"] < len(walls) else "—"
             rise = "—" if r["rise"] is None else f"{100 * r['rise']:.2f}"
+            confirmed = "—" if r.get("confirmed_bacc") is None else f"{100 * r['confirmed_bacc']:.1f}%"
+            confirmed_rise = "—" if r.get("confirmed_rise") is None else f"{100 * r['confirmed_rise']:.2f}"
             lines.append(f"| {r['round']} | {r['attackers']} | {', '.join(r['families'])} "
                          f"| {', '.join(f'{x:g}' for x in r['lrs'])} | {', '.join(map(str, r['seeds']))} "
                          f"| {r['patience']} | {r['views']} | {r['max_iters']} | {100 * r['round_best_val_bacc']:.1f}% "
-                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} | {wall} |")
+                         f"| {100 * r['best_val_bacc']:.1f}% | {rise} | {confirmed} | {confirmed_rise} | {wall} |")
         lines.append("")
     lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
               "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
