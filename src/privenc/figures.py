@@ -233,8 +233,8 @@ def audit_figure(v: dict[str, Any], encoder: str, path: Path) -> Path:
     rounds.plot(ks, [100 * r["round_best_val_bacc"] for r in v["rounds"]], marker="x", linestyle=":",
                 label="round's best")
     confirmed = [(r["round"], 100 * r["confirmed_bacc"]) for r in v["rounds"] if r.get("confirmed_bacc") is not None]
-    if confirmed:  # what the default stopping rule reads: no lift from choosing among more attackers
-        rounds.plot(*zip(*confirmed), marker="s", linestyle="--", label="confirmation half, chosen so far")
+    if confirmed:  # without the lift of choosing among more attackers (privenc.audit.confirmed_score)
+        rounds.plot(*zip(*confirmed), marker="s", linestyle="--", label="confirmed so far")
     rounds.set_xticks(ks)
     rounds.set_xlabel("round of the zoo search")
     rounds.set_ylabel("validation balanced accuracy, %")
