@@ -248,6 +248,48 @@ def test_the_adaptive_attacker_says_why_it_does_not_apply(finished_run, config, 
     assert ADAPTIVE.applies(_context(str(finished_run / runs.ENCODER_FILE), config, "g1c0", tmp_path)) is None
 
 
+def test_verify_can_start_attackers_from_the_saved_adversaries(finished_run, config, tmp_path, monkeypatch):
+    import privenc.verification as verification_module
+
+    started = []
+    real = verification_module.fit_classifier
+
+    def spy(model, data, settings, lr, seed, device, family, *args, **kwargs):
+        started.append((family, seed, {k: v.clone() for k, v in model.state_dict().items()}))
+        return real(model, data, settings, lr, seed, device, family, *args, **kwargs)
+
+    monkeypatch.setattr(verification_module, "fit_classifier", spy)
+    config = replace(config, verify=replace(config.verify, attackers=["paper", "adaptive"], seeds=[0, 1]))
+    records = verify(str(finished_run), config, ["g1c0", "g1c1"], tmp_path / "v", progress=False)
+    # adaptive only on the private task, once per seed; the desirable task and Blur get none
+    assert [(r["task"], r["attacker"], r["seed"]) for r in records] == [
+        ("g1c0", "paper", 0), ("g1c0", "paper", 1), ("g1c0", "adaptive", 0), ("g1c0", "adaptive", 1),
+        ("g1c1", "paper", 0), ("g1c1", "paper", 1)]
+    assert [r.get("member") for r in records[2:4]] == [0, 0]
+    saved = ckpt.load(finished_run / runs.CHECKPOINT_FILE)["private_classifiers"]
+    weights = {k[len("0."):]: v for k, v in saved.items() if k.startswith("0.")}
+    adaptive = [state for family, _, state in started if family == "adaptive"]
+    assert len(adaptive) == 2 and all(torch.equal(state[k], weights[k]) for state in adaptive for k in weights)
+    fresh = [state for family, _, state in started if family == "paper"]
+    assert not any(all(torch.equal(state[k], weights[k]) for k in weights) for state in fresh)
+    assert {r["attacker"] for r in verify("blur", config, ["g1c0"], tmp_path / "b", progress=False)} == {"paper"}
+    # an audit's round 0 is that same plain verify
+    out = tmp_path / "a"
+    result = audit(str(finished_run), config, ["g1c0"], out, max_rounds=1, attacks=["zoo"], progress=False)
+    names = sorted(p.stem for p in (out / "trials" / "g1c0").glob("*.json"))
+    lr = f"{config.verify.lr:g}"
+    assert names == sorted(f"r0_{family}_lr{lr}_s{seed}" for family in ("paper", "adaptive") for seed in (0, 1))
+    assert result["verdicts"]["g1c0"]["rounds"][0]["families"] == ["paper", "adaptive"]
+    plain = max((r for r in records if r["task"] == "g1c0"), key=lambda r: r["val_bacc_best"])
+    assert result["verdicts"]["g1c0"]["plain_verify_test_bacc"] == pytest.approx(plain["test_bacc_best"], abs=0.02)
+
+
+def test_adaptive_alone_is_not_a_verify_protocol():
+    with pytest.raises(ConfigError, match="needs a family trained from scratch"):
+        load_config("demo", ['verify.attackers=["adaptive"]'])
+    assert load_config("demo", ['verify.attackers=["mlp", "adaptive"]']).verify.attackers == ["mlp", "adaptive"]
+
+
 @pytest.mark.slow  # 15-40 s on the 2-core VM
 def test_an_audit_of_a_run_folder_runs_the_adaptive_attacker(finished_run, config, tmp_path):
     out = tmp_path / "a"

@@ -45,15 +45,14 @@ from typing import Any
 
 import torch
 
-from privenc import checkpoint as ckpt
-from privenc import runs
+from privenc.adversaries import adaptive_reason, fresh_families, saved_adversaries
 from privenc.atomic import atomic_write_text, read_finished
 from privenc.attackers import AttackerResult, Encoded, encode_for_attackers, fit_classifier, score_split
 from privenc.config import VerifyConfig
 from privenc.data.transforms import ScaledView
 from privenc.encoders import LoadedEncoder, assert_unchanged, freeze
-from privenc.errors import CheckpointError, ConfigError
-from privenc.models import Classifier, build_attacker
+from privenc.errors import ConfigError
+from privenc.models import build_attacker
 from privenc.verification import attacker_record
 
 log = logging.getLogger(__name__)
@@ -192,61 +191,31 @@ def read_outcome(path: Path) -> dict[str, Any] | None:
 
 
 def _adaptive_applies(ctx: AttackContext) -> str | None:
-    """Only a training run folder holds the classifiers its encoder was trained against."""
-    encoder = ctx.encoder
-    if encoder.kind != "learned":
-        return f"the {encoder.kind} baseline was not trained against an adversarial classifier"
-    if encoder.exported is not None:
-        return f"an exported {encoder.exported} file holds no adversarial classifier; audit the run it came from"
-    if encoder.run_dir is None:
-        return "an encoder file alone holds no adversarial classifier; give its training run folder"
-    private = encoder.config.train.private
-    if ctx.task not in private:
-        return f"the encoder was not trained against {ctx.task} (its private tasks: {', '.join(private)})"
-    path = encoder.run_dir / runs.CHECKPOINT_FILE
-    if not path.is_file():
-        return f"the run has no checkpoint ({path}) holding its adversarial classifiers"
-    saved, final = int(ckpt.load(path)["step"]), int(ckpt.load(encoder.run_dir / runs.ENCODER_FILE)["step"])
-    if saved != final:  # a run continued after its encoder was written: not the classifiers it ended against
-        return f"the checkpoint is of step {saved} but the encoder of step {final}"
-    return None
+    return adaptive_reason(ctx.encoder, ctx.task)
 
 
 def _adaptive_run(ctx: AttackContext) -> list[dict[str, Any]]:
     """One attacker per private classifier of the task (every member of an ensemble), started
-    from its saved weights and fine-tuned under the protocol at each learning rate. The saved
-    classifier knows the defence: it is where the encoder's training left its adversary, and
-    the encoder was only ever trained to fool it and its predecessors, not to be robust to a
-    few more steps of it. Each record also keeps what the saved classifier scored unchanged
+    from its saved weights (:mod:`privenc.adversaries`) and fine-tuned under the protocol at
+    each learning rate. Each record also keeps what the saved classifier scored unchanged
     (``start_val_bacc``, ``start_test_bacc``)."""
-    encoder, train = ctx.encoder, ctx.encoder.config.train
-    path = encoder.run_dir / runs.CHECKPOINT_FILE
-    payload = ckpt.load(path)
-    members = getattr(train, "private_ensemble", 1)  # K classifiers per private task, at task_index * K + member
-    saved = payload["private_classifiers"]
-    slots = {key.split(".", 1)[0] for key in saved}
-    if len(slots) != len(train.private) * members:
-        raise CheckpointError(f"{path} holds {len(slots)} private classifiers; the run's config says "
-                              f"{len(train.private)} private task(s) x {members} per task")
+    encoder = ctx.encoder
     views = ctx.settings.views
     encoded = encode_for_attackers(encoder, ctx.task, views, ctx.settings.batch_size, ctx.device)
     channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
     records = []
-    for member in range(members):
-        slot = train.private.index(ctx.task) * members + member
-        weights = {key.split(".", 1)[1]: value for key, value in saved.items() if key.split(".", 1)[0] == str(slot)}
+    for adversary in saved_adversaries(encoder, ctx.task):
+        member, members = adversary.member, adversary.members
         for lr in ctx.lrs:
-            model = Classifier(encoder.config.classifier, channels, encoded.num_classes, size)
-            ckpt.load_state(model, weights, f"{path}: private classifier {slot} ({ctx.task}, member {member})")
-            model.to(ctx.device)
+            model = adversary.classifier(encoder, channels, encoded.num_classes, size).to(ctx.device)
             start = {split: score_split(model, encoded.x[split], encoded.y[split], ctx.device).bacc
                      for split in ("val", "test")}
             result = fit_classifier(model, encoded, ctx.settings, lr, ctx.seed, ctx.device, "paper",
                                     label=f"{encoder.name}/{ctx.task}/adaptive/{member}/lr{lr:g}")
-            records.append(record(ctx, encoded, views, result, member=member, checkpoint_step=int(payload["step"]),
+            records.append(record(ctx, encoded, views, result, member=member, checkpoint_step=adversary.step,
                                   start_val_bacc=start["val"], start_test_bacc=start["test"],
                                   detail=f"from private classifier {member + 1} of {members} of the checkpoint of "
-                                         f"step {int(payload['step'])} ({100 * start['val']:.1f}% on validation as "
+                                         f"step {adversary.step} ({100 * start['val']:.1f}% on validation as "
                                          f"saved)"))
             log.info("%s %s adaptive member %d lr %g: test balanced acc %.3f (saved classifier %.3f)", encoder.name,
                      ctx.task, member, lr, result.test_bacc_best, start["test"])
@@ -274,8 +243,8 @@ def _multiscale_applies(ctx: AttackContext) -> str | None:
 
 
 def _multiscale_run(ctx: AttackContext) -> list[dict[str, Any]]:
-    """The round-0 families (``verify.attackers``) at each learning rate, trained on encodings
-    of views at :data:`SCALES` (each training image at every scale, as many times as it takes
+    """The round-0 families (``verify.attackers`` but ``adaptive``) at each learning rate, trained
+    on encodings of views at :data:`SCALES` (each training image at every scale, as many times as it takes
     to reach the protocol's views; random crop positions) and chosen and scored on the usual
     evaluation views: the encoder is deployed on those. An encoder trained only on the
     training augmentation's scales may leak at others, and an attacker that sees several
@@ -288,7 +257,7 @@ def _multiscale_run(ctx: AttackContext) -> list[dict[str, Any]]:
                                    train_views=transforms)
     channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
     records = []
-    for family in ctx.settings.attackers:
+    for family in fresh_families(ctx.settings.attackers):
         for lr in ctx.lrs:
             torch.manual_seed(ctx.seed)
             model = build_attacker(family, encoder.config.classifier, channels, encoded.num_classes, size)

@@ -81,6 +81,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from privenc.adversaries import ADAPTIVE, adaptive_reason, saved_adversaries
 from privenc.atomic import atomic_write_text, ensure_writable, read_finished
 from privenc.attackers import Encoded, encode_for_attackers
 from privenc.attacks import (
@@ -137,10 +138,13 @@ class Trial:
     patience: int
     views: int
     max_iters: int
+    member: int = 0
+    """For ``adaptive``: which saved adversary of the task it starts from (an ensemble has K)."""
 
     @property
     def name(self) -> str:
-        return f"r{self.round}_{self.family}_lr{self.lr:g}_s{self.seed}"
+        member = f"_m{self.member}" if self.member else ""
+        return f"r{self.round}_{self.family}{member}_lr{self.lr:g}_s{self.seed}"
 
 
 def converged(rise: float, margin: float) -> bool:
@@ -192,6 +196,16 @@ def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
             for family in ATTACKERS for rate in lrs for seed in seeds]
 
 
+def _with_adversaries(trials: list[Trial], encoder: LoadedEncoder, task: str) -> list[Trial]:
+    """``trials`` with each ``adaptive`` one (round 0, from ``verify.attackers``) once per saved
+    adversary of ``task``, or left out where none applies, as :func:`privenc.verification.verify`
+    does: round 0 stays what plain verify reports."""
+    if all(t.family != ADAPTIVE for t in trials):
+        return trials
+    members = 0 if adaptive_reason(encoder, task) is not None else len(saved_adversaries(encoder, task))
+    return [dataclasses.replace(t, member=m) for t in trials for m in (range(members) if t.family == ADAPTIVE else [0])]
+
+
 # --------------------------------------------------------------------------- one trial (in a worker)
 
 
@@ -234,13 +248,17 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
                                    max_iters=trial.max_iters)
     channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
     torch.manual_seed(trial.seed)
-    model = build_attacker(trial.family, encoder.config.classifier, channels, encoded.num_classes, size)
+    if trial.family == ADAPTIVE:
+        adversary = saved_adversaries(encoder, task)[trial.member]
+        model = adversary.classifier(encoder, channels, encoded.num_classes, size)
+    else:
+        model = build_attacker(trial.family, encoder.config.classifier, channels, encoded.num_classes, size)
     result = fit_classifier(model, encoded, settings, trial.lr, trial.seed, torch_device, trial.family,
                             label=f"{encoder.name}/{task}/{trial.name}")
     assert_unchanged(encoder.module, snapshot, encoder.name)
     record = {**attacker_record(encoder, task, role, encoded, trial.views, result), "attack": ZOO,
               "round": trial.round, "trial": trial.name, "patience": trial.patience, "views": trial.views,
-              "max_iters": trial.max_iters}
+              "max_iters": trial.max_iters, **({"member": trial.member} if trial.family == ADAPTIVE else {})}
     atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
     return path
 
@@ -351,7 +369,7 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                 if k > 0 and max_minutes is not None and time.time() - started > 60 * max_minutes:
                     stopped_by = "max_minutes"
                     break
-                trials = round_trials(settings, lr, k)
+                trials = _with_adversaries(round_trials(settings, lr, k), encoder, task)
                 round_started = time.time()
                 found = _run_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device, threads,
                                    progress)

@@ -188,7 +188,9 @@ class VerifyConfig:
     """Tasks `privenc verify` checks without --task, and `privenc grid` without --tasks; empty =
     verify: the encoder's private + desirable tasks (grid then needs --tasks)."""
     attackers: list[str] = field(default_factory=lambda: ["paper"])
-    """Attacker families: paper | wide | mlp | linear."""
+    """Attacker families: paper | wide | mlp | linear, trained from scratch; and adaptive, the
+    run's saved adversary of a private task fine-tuned (a run folder's private tasks only;
+    elsewhere it is left out)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     lr: float = 1e-4
     """Adam LR for attackers on encodings (paper: 1e-5)."""
@@ -300,7 +302,10 @@ def validate(config: Config) -> None:
              f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
 
     for name in v.attackers:
-        _one_of("verify.attackers[]", name, ATTACKERS)
+        _one_of("verify.attackers[]", name, (*ATTACKERS, "adaptive"))
+    _require(any(name in ATTACKERS for name in v.attackers),
+             f"verify.attackers needs a family trained from scratch ({', '.join(ATTACKERS)}): 'adaptive' starts "
+             f"from a run's saved adversary, which only a run's private tasks have")
     _require(len(v.attackers) >= 1 and len(v.seeds) >= 1, "verify.attackers and verify.seeds must be non-empty")
     _require(v.lr > 0 and v.lr_raw > 0, "verify.lr and verify.lr_raw must be > 0")
     _require(0 < v.lr_drop < 1, "verify.lr_drop must be in (0, 1)")

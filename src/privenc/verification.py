@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from privenc import distributed, runs
+from privenc.adversaries import ADAPTIVE, adaptive_reason, saved_adversaries
 from privenc.atomic import atomic_write_text, ensure_writable
 from privenc.attackers import (
     AttackerResult,
@@ -74,14 +77,14 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
     for task in tasks:
         encoded = encode_for_attackers(encoder, task, settings.views, settings.batch_size, torch_device, progress)
         channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
-        for family in settings.attackers:
+        for family, member, model_for in _attackers(encoder, task, settings.attackers):
             for seed in settings.seeds:
                 torch.manual_seed(seed)
-                model = build_attacker(family, encoder.config.classifier, channels, encoded.num_classes, size)
+                model = model_for(channels, encoded.num_classes, size)
                 result = fit_classifier(model, encoded, settings, lr, seed, torch_device, family, progress,
                                         label=f"{encoder.name}/{task}/{family}/{seed}")
-                records.append(attacker_record(encoder, task, roles.get(task, "other"), encoded, settings.views,
-                                               result))
+                records.append({**attacker_record(encoder, task, roles.get(task, "other"), encoded, settings.views,
+                                                  result), **({} if member is None else {"member": member})})
                 log.info("%s %s %s seed %d: test balanced acc %.3f [%.3f, %.3f], acc %.3f (best-val model), "
                          "%s after %d iterations", encoder.name, task, family, seed, result.test_bacc_best,
                          *result.test_bacc_ci95, result.test_acc_best,
@@ -90,6 +93,25 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
     atomic_write_text(out_dir / "verify.json", json.dumps(records, indent=1) + "\n")
     atomic_write_text(out_dir / "summary.md", summarize(records))
     return records
+
+
+def _attackers(encoder: LoadedEncoder, task: str,
+               families: list[str]) -> list[tuple[str, int | None, Callable[[int, int, int], torch.nn.Module]]]:
+    """(family, ensemble member or None, a builder of its starting model) for each attacker of
+    ``families`` on ``task``: fresh weights, or for ``adaptive`` each saved adversary of the task
+    (none where no run adversary applies: a baseline, or a task the encoder was not trained against)."""
+    found = []
+    for family in families:
+        if family != ADAPTIVE:
+            found.append((family, None, partial(build_attacker, family, encoder.config.classifier)))
+            continue
+        reason = adaptive_reason(encoder, task)
+        if reason is not None:
+            log.info("%s %s: no adaptive attacker: %s", encoder.name, task, reason)
+            continue
+        for adversary in saved_adversaries(encoder, task):
+            found.append((family, adversary.member, partial(adversary.classifier, encoder)))
+    return found
 
 
 def attacker_record(encoder: LoadedEncoder, task: str, role: str, encoded: Encoded, views: int,
