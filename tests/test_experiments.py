@@ -1,4 +1,5 @@
-"""experiments/reproduce.py: every run it would train has a valid configuration."""
+"""experiments/reproduce.py: every run it would train has a valid configuration; and
+experiments/stop_rule.py's simulation of the audit's stopping rules."""
 
 import importlib.util
 from pathlib import Path
@@ -204,3 +205,22 @@ def test_collapse_reads_the_values_the_tanh_receives_on_every_image_of_the_split
     module.main()
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith(f"| {finished_run.name} | {len(test)} | ") and row.count("%") == 5
+
+
+def test_the_stopping_rule_simulation_tells_selection_from_a_real_rise():
+    import argparse
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("stop_rule", SCRIPT.parent / "stop_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(sims=40, margin=1.0, p0=0.75, round0=3, round1=32)
+    rng = np.random.default_rng(0)
+    # attackers that all copy one draw per image are one attacker: nothing rises, every rule stops
+    assert module.simulate(300, 1.0, 0.0, args, rng) == (1.0, 1.0, 1.0)
+    # a 20-point better family is found by every rule: none stops
+    assert module.simulate(300, 0.0, 20.0, args, rng) == (0.0, 0.0, 0.0)
+    # independent equal attackers: the best validation score rises by selection, the confirmed one does not
+    by_validation, _, both_ways = module.simulate(864, 0.0, 0.0, args, rng)
+    assert by_validation < 0.5 < both_ways
