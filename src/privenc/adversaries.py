@@ -3,8 +3,7 @@ that know the defence: the audit's ``adaptive`` attack, and ``adaptive`` among `
 attackers.
 
 The encoder was only ever trained to fool these classifiers and their predecessors, not to be
-robust to a few more steps of them; on the demo preset one of them, fine-tuned, recovered 7.4
-points more than plain verification (docs/results.md, 2026-12-01).
+robust to a few more steps of them (docs/results.md, 2026-12-01, measures what that gives).
 """
 
 from __future__ import annotations
