@@ -75,7 +75,8 @@ def test_a_huge_margin_stops_after_round_one(finished):
     assert "| confirmed rise (points) | wall time, this call |" in (out / "audit.md").read_text()
     # every trial keeps its validation halves, and each round the confirmed score of the search so far
     trials = [json.loads(p.read_text()) for p in (out / "trials" / "g1c0").glob("*.json")]
-    assert all(len(t["val_bacc_halves"]) == 2 for t in trials)
+    assert all(len(t["val_bacc_crossfit"]) == 2 and t["val_bacc_crossfit"][0][0] >= t["val_bacc_crossfit"][1][1]
+               for t in trials)
     assert [r["confirmed_bacc"] for r in rounds] == [
         confirmed_score([t for t in trials if t["round"] <= k]) for k in range(2)]
     assert verdict["stop_rule"] == "validation" and verdict["last_confirmed_rise_points"] == pytest.approx(
@@ -221,8 +222,8 @@ def test_a_rise_of_exactly_the_margin_is_not_convergence():
 
 
 def _scripted_rounds(monkeypatch, script):
-    """Replace the training of a round by records made up per round: (selection half, confirmation
-    half) per attacker, the whole validation score their mean."""
+    """Replace the training of a round by records made up per round: (first half, second half)
+    per attacker, at one checkpoint best on both; the whole validation score their mean."""
     base = {"encoder": "blur", "task": "g1c0", "role": "other", "attack": "zoo", "chance": 0.5, "bacc_chance": 0.5,
             "n_test": 100, "iters": 10, "saturated": True, "test_acc_best": 0.6, "test_bacc_best": 0.6,
             "test_bacc_ci95": [0.5, 0.7], "info_bits": 0.1, "val_acc_best": 0.6, "seconds": 1.0}
@@ -230,7 +231,7 @@ def _scripted_rounds(monkeypatch, script):
     def run_round(spec, config_dict, task, role, trials, *args):
         halves = script[trials[0].round]
         return [dict(base, attacker=t.family, lr=t.lr, seed=t.seed, round=t.round, patience=t.patience,
-                     views=t.views, val_bacc_halves=list(h), val_bacc_best=sum(h) / 2)
+                     views=t.views, val_bacc_crossfit=[list(h), list(h[::-1])], val_bacc_best=sum(h) / 2)
                 for t, h in zip(trials, halves + [(0.5, 0.5)] * (len(trials) - len(halves)))]
 
     monkeypatch.setattr(audit_module, "_run_round", run_round)
@@ -275,8 +276,10 @@ def test_a_confirmed_rise_keeps_the_search_going(tiny_config, tmp_path, monkeypa
 
 def test_confirmed_score_is_cross_fitted_and_needs_halves_on_every_record():
     # best on the first half: 0.6 on the second; best on the second: 0.8 on the first
-    assert confirmed_score([{"val_bacc_halves": [0.9, 0.6]}, {"val_bacc_halves": [0.8, 0.8]}]) == pytest.approx(0.7)
-    assert confirmed_score([{"val_bacc_halves": [0.9, 0.6]}, {"val_bacc_best": 0.8}]) is None
+    # (the second record's best on half 2 is another checkpoint than its best on half 1)
+    records = [{"val_bacc_crossfit": [[0.9, 0.6], [0.65, 0.85]]}, {"val_bacc_crossfit": [[0.8, 0.75], [0.8, 0.7]]}]
+    assert confirmed_score(records) == pytest.approx((0.6 + 0.7) / 2)
+    assert confirmed_score([records[0], {"val_bacc_best": 0.8}]) is None
     assert confirmed_score([]) is None
 
 

@@ -293,3 +293,26 @@ def test_the_confirmation_halves_split_every_class_and_stay_fixed():
     predictions[(labels == 0) & mask] = 1
     selection, confirmation = half_scores(predictions, labels)
     assert selection == pytest.approx(1.0) and confirmation == pytest.approx((0 + 1 + 1) / 3)
+
+
+def test_each_half_keeps_its_own_best_checkpoint_and_the_other_halfs_score_there(monkeypatch):
+    from dataclasses import replace
+
+    import privenc.attackers as attackers_module
+    from privenc.attackers import Encoded, fit_classifier
+    from privenc.config import load_config
+    from privenc.models import build_attacker
+
+    seen = []
+    real = attackers_module.half_scores
+    monkeypatch.setattr(attackers_module, "half_scores", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    generator = torch.Generator().manual_seed(0)
+    x = {split: torch.randn(64, 3, 4, 4, generator=generator) for split in ("train", "val", "test")}
+    y = {split: (x[split][:, 0].mean((1, 2)) > 0).long() for split in x}  # learnable, noisily
+    settings = replace(load_config("demo").verify, max_iters=40, eval_every=2, patience=50, views=1)
+    model = build_attacker("linear", load_config("demo").classifier, 3, 2, 4)
+    result = fit_classifier(model, Encoded(x, y, 2), settings, 0.05, 0, torch.device("cpu"), "linear")
+    assert len(seen) == 20  # one per evaluation
+    first = max(range(len(seen)), key=lambda i: (seen[i][0], -i))  # the earliest of the best, as kept
+    second = max(range(len(seen)), key=lambda i: (seen[i][1], -i))
+    assert result.val_bacc_crossfit == [[seen[first][0], seen[first][1]], [seen[second][1], seen[second][0]]]

@@ -145,9 +145,10 @@ class AttackerResult:
     test_bacc_ci95: list[float] = field(default_factory=list)  # [lo, hi], bootstrap over test images
     val_bacc_final: float = float("nan")
     test_bacc_final: float = float("nan")
-    # The best checkpoint's validation balanced accuracy on the two halves of
-    # :func:`confirmation_split` ([selection, confirmation]): the audit's stopping rule.
-    val_bacc_halves: list[float] = field(default_factory=list)
+    # Cross-fitted on the two halves of :func:`confirmation_split`: [[best score on half 1, the
+    # same checkpoint's on half 2], [best on half 2, that checkpoint's on half 1]]; the audit's
+    # confirmed rise (privenc.audit.confirmed_score).
+    val_bacc_crossfit: list[list[float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -205,9 +206,10 @@ def confirmation_split(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return mask
 
 
-def half_scores(predictions: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """[selection half, confirmation half] balanced accuracy of ``predictions`` on validation."""
-    mask = confirmation_split(labels)
+def half_scores(predictions: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
+    """[first half, second half] balanced accuracy of ``predictions`` on validation (``mask``:
+    :func:`confirmation_split` of ``labels``, computed when not given)."""
+    mask = confirmation_split(labels) if mask is None else mask
     return [balanced_accuracy(predictions[~mask], labels[~mask]), balanced_accuracy(predictions[mask], labels[mask])]
 
 
@@ -263,6 +265,10 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     saturation = Saturation(settings.patience, settings.min_delta)
     # best_val: validation balanced accuracy, by which saturation and the kept checkpoint go
     best_state, best_val, dropped_at = copy.deepcopy(model.state_dict()), -1.0, None
+    # Each half's best evaluation and the other half's score there: a checkpoint chosen on one
+    # half and scored on the other, free of the lift of choosing it (the audit's confirmed rise).
+    halves_mask = confirmation_split(data.y["val"])
+    crossfit = [[-1.0, float("nan")], [-1.0, float("nan")]]
     curve: list[list[float]] = []
     started = time.time()
     iteration, saturated = 0, False
@@ -286,6 +292,11 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         curve.append([iteration, val.acc, current_lr, val.bacc])
         if val.bacc > best_val:
             best_val, best_state = val.bacc, copy.deepcopy(model.state_dict())
+        first, second = half_scores(val.predictions, data.y["val"], halves_mask)
+        if first > crossfit[0][0]:
+            crossfit[0] = [first, second]
+        if second > crossfit[1][0]:
+            crossfit[1] = [second, first]
         event = saturation.update(val.bacc)
         bar.set_postfix(val=f"{val.bacc:.3f}", best=f"{best_val:.3f}")
         if event == "drop":
@@ -306,7 +317,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
                           test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),
                           val_bacc_best=val_best.bacc, test_bacc_best=test_best.bacc, test_bacc_ci95=interval,
                           val_bacc_final=val_final.bacc, test_bacc_final=test_final.bacc,
-                          val_bacc_halves=half_scores(val_best.predictions, data.y["val"]))
+                          val_bacc_crossfit=crossfit)
 
 
 # --------------------------------------------------------------------------- information estimate
