@@ -29,6 +29,21 @@ def test_the_defaults_name_no_task():
     assert all(load_config(name).train.private for name in preset_names())
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    preset = load_config("demo").to_dict()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. an output folder: --config demo still means the preset
+    assert load_config("demo").to_dict() == preset
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="'mine' is a folder, not a TOML file; presets: .*demo"):
+        load_config("mine")
+    (tmp_path / "mine.toml").mkdir()
+    with pytest.raises(ConfigError, match="'mine.toml' is a folder"):
+        load_config("mine.toml")
+    with pytest.raises(ConfigError, match="config file 'absent.toml' does not exist"):
+        load_config("absent.toml")
+
+
 def test_a_key_an_older_run_lacks_counts_as_its_default():
     new = load_config("demo").to_dict()
     old = load_config("demo").to_dict()

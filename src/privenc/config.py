@@ -74,10 +74,14 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     raw: dict[str, Any] = {}
     if source:
         path = Path(source)
-        if path.suffix == ".toml" or path.exists():
+        # A folder is never a config file: `--config demo` run beside a folder named demo (an
+        # output folder, say) still means the preset.
+        if path.is_file() or (path.suffix == ".toml" and not path.is_dir()):
             if not path.is_file():
                 raise ConfigError(f"config file {source!r} does not exist")
             raw = _read_toml(path.read_text(), str(path))
+        elif path.is_dir() and source not in preset_names():
+            raise ConfigError(f"config {source!r} is a folder, not a TOML file; presets: {', '.join(preset_names())}")
         elif source in preset_names():
             text = resources.files("privenc").joinpath("presets", f"{source}.toml").read_text()
             raw = _read_toml(text, f"preset {source!r}")
