@@ -64,6 +64,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from privenc.adversarial import Players, classifier_step, encoder_step  # noqa: E402
+from privenc.adversaries import fresh_families
 from privenc.attackers import Encoded
 from privenc.config import Config, load_config  # noqa: E402
 from privenc.data import ImageDataset  # noqa: E402
@@ -572,7 +573,8 @@ def section_attackers(s: Section, args: argparse.Namespace, state: dict[str, Any
     x = torch.randn(count, channels, size, size, generator=generator)
     y = torch.randint(0, 2, (count,), generator=generator)
     encoded = Encoded({"train": x, "val": x[:256], "test": x[:256]}, {"train": y, "val": y[:256], "test": y[:256]}, 2)
-    families = list(config.verify.attackers)
+    # 'adaptive' fine-tunes a saved classifier of a run (none here): the same step as its family's
+    families = fresh_families(config.verify.attackers)
     s.record.update(encodings=count, shape=[channels, size, size], batch=config.verify.batch_size, rates={})
     s.save()
     for family in families:

@@ -266,6 +266,10 @@ def test_verify_can_start_attackers_from_the_saved_adversaries(finished_run, con
         ("g1c0", "paper", 0), ("g1c0", "paper", 1), ("g1c0", "adaptive", 0), ("g1c0", "adaptive", 1),
         ("g1c1", "paper", 0), ("g1c1", "paper", 1)]
     assert [r.get("member") for r in records[2:4]] == [0, 0]
+    # fine-tuning takes verify.lr_adaptive (the demo preset sets one); from scratch, verify.lr
+    assert config.verify.lr_adaptive not in (0, config.verify.lr)
+    scratch, tuned = config.verify.lr, config.verify.lr_adaptive
+    assert [r["lr"] for r in records] == [scratch, scratch, tuned, tuned, scratch, scratch]
     saved = ckpt.load(finished_run / runs.CHECKPOINT_FILE)["private_classifiers"]
     weights = {k[len("0."):]: v for k, v in saved.items() if k.startswith("0.")}
     adaptive = [state for family, _, state in started if family == "adaptive"]
@@ -277,8 +281,8 @@ def test_verify_can_start_attackers_from_the_saved_adversaries(finished_run, con
     out = tmp_path / "a"
     result = audit(str(finished_run), config, ["g1c0"], out, max_rounds=1, attacks=["zoo"], progress=False)
     names = sorted(p.stem for p in (out / "trials" / "g1c0").glob("*.json"))
-    lr = f"{config.verify.lr:g}"
-    assert names == sorted(f"r0_{family}_lr{lr}_s{seed}" for family in ("paper", "adaptive") for seed in (0, 1))
+    lrs = {"paper": f"{config.verify.lr:g}", "adaptive": f"{config.verify.lr_adaptive:g}"}
+    assert names == sorted(f"r0_{family}_lr{lrs[family]}_s{seed}" for family in lrs for seed in (0, 1))
     assert result["verdicts"]["g1c0"]["rounds"][0]["families"] == ["paper", "adaptive"]
     plain = max((r for r in records if r["task"] == "g1c0"), key=lambda r: r["val_bacc_best"])
     assert result["verdicts"]["g1c0"]["plain_verify_test_bacc"] == pytest.approx(plain["test_bacc_best"], abs=0.02)
@@ -301,9 +305,11 @@ def test_an_audit_of_a_run_folder_runs_the_adaptive_attacker(finished_run, confi
     saved = json.loads((out / "attacks" / "g1c0" / "adaptive.json").read_text())
     assert [r["lr"] for r in saved["records"]] == list(lrs) and saved["protocol"]["lrs"] == list(lrs)
     worst = result["verdicts"]["g1c0"]["worst_case"]
-    best = max([*saved["records"], *map(json.loads, map(Path.read_text, (out / "trials" / "g1c0").glob("*.json")))],
-               key=lambda r: r["val_bacc_best"])
-    assert (worst["attack"], worst["val_bacc_best"]) == (best["attack"], best["val_bacc_best"])
+    every = [*saved["records"], *map(json.loads, map(Path.read_text, (out / "trials" / "g1c0").glob("*.json")))]
+    best = max(r["val_bacc_best"] for r in every)
+    # on tiny data attackers tie; the worst case is one of the best on validation
+    assert worst["val_bacc_best"] == best
+    assert worst["attack"] in {r["attack"] for r in every if r["val_bacc_best"] == best}
 
 
 def _without_seconds(value):

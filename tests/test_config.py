@@ -116,6 +116,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     ("train.private_ensemble=0", r"train\.private_ensemble must be >= 1 \(private classifiers per private task"),
     ("train.kurtosis_limit=0.5", r"train\.kurtosis_limit must be 0 \(off\) or above 1"),
     ("train.adversary_reset_every=-1", r"train\.adversary_reset_every must be >= 0 \(encoder steps .*0 = never\)"),
+    ("verify.lr_adaptive=-1e-4", r"verify\.lr_adaptive must be >= 0 \(0: verify\.lr\)"),
 ])
 def test_invalid_values_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

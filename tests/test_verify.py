@@ -72,7 +72,9 @@ def test_verify_learned_encoder_leaves_it_unchanged_and_records_everything(tiny_
                      progress=False)
     assert frozen == {"params": [False] * len(frozen["params"]), "training": False}
     assert (trained_run / "encoder.pt").read_bytes() == before
-    assert [(r["task"], r["role"]) for r in records] == [("g1c0", "private"), ("g1c2", "other")]
+    # the demo preset's attackers: 'paper' everywhere, 'adaptive' on the run's private task
+    assert [(r["task"], r["role"], r["attacker"]) for r in records] == [
+        ("g1c0", "private", "paper"), ("g1c0", "private", "adaptive"), ("g1c2", "other", "paper")]
     for r in records:
         assert 0 <= r["test_acc_best"] <= 1 and r["iters"] <= 12 and r["curve"]
         assert r["curve"][0][0] == 2  # evaluated every eval_every iterations
@@ -115,7 +117,10 @@ def test_not_saturated_is_reported(tiny_config, tmp_path, device):
 def test_grid_skips_finished_cells_and_report_holds_the_numbers(tiny_config, trained_run, tmp_path, monkeypatch):
     grid = tmp_path / "grid"
     records = run_grid([str(trained_run), "identity"], ["g1c0", "g1c1"], tiny_config, grid)
-    assert len(records) == 4
+    # one attacker per cell, and the run's adaptive one on its private task g1c0 (the demo preset's attackers)
+    assert sorted((r["encoder"], r["task"], r["attacker"]) for r in records) == [
+        ("identity", "g1c0", "paper"), ("identity", "g1c1", "paper"),
+        ("lf", "g1c0", "adaptive"), ("lf", "g1c0", "paper"), ("lf", "g1c1", "paper")]
     assert all((cell_dir(grid, e, t) / "verify.json").exists() for e in (str(trained_run), "identity")
                for t in ("g1c0", "g1c1"))
 

@@ -189,9 +189,11 @@ def attack_protocol(settings: VerifyConfig, lr: float, k: int) -> tuple[VerifyCo
 
 def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
     """The attackers of round ``k`` (see the module docstring); ``lr`` is the encoder's own
-    attacker learning rate (``verify.lr``, or ``verify.lr_raw`` on raw pixels: :func:`attacker_lr`)."""
+    attacker learning rate (``verify.lr``, or ``verify.lr_raw`` on raw pixels: :func:`attacker_lr`;
+    round 0's ``adaptive`` takes ``verify.lr_adaptive`` where set, as plain verify does)."""
     if k == 0:
-        return [Trial(0, family, lr, seed, settings.patience, settings.views, settings.max_iters)
+        own = {ADAPTIVE: settings.lr_adaptive} if settings.lr_adaptive > 0 else {}
+        return [Trial(0, family, own.get(family, lr), seed, settings.patience, settings.views, settings.max_iters)
                 for family in settings.attackers for seed in settings.seeds]
     extra = [s for s in range(max(settings.seeds, default=-1) + 1, max(settings.seeds, default=-1) + 1 + k)]
     seeds = [*settings.seeds, *extra]

@@ -196,6 +196,8 @@ class VerifyConfig:
     """Adam LR for attackers on encodings (paper: 1e-5)."""
     lr_raw: float = 1e-4
     """Adam LR for attackers on raw images (Identity; paper: 1e-4)."""
+    lr_adaptive: float = 0.0
+    """Adam LR for the adaptive attacker, which fine-tunes an already trained classifier; 0 = ``lr``."""
     lr_drop: float = 0.1
     batch_size: int = 64
     eval_every: int = 100
@@ -308,6 +310,7 @@ def validate(config: Config) -> None:
              f"from a run's saved adversary, which only a run's private tasks have")
     _require(len(v.attackers) >= 1 and len(v.seeds) >= 1, "verify.attackers and verify.seeds must be non-empty")
     _require(v.lr > 0 and v.lr_raw > 0, "verify.lr and verify.lr_raw must be > 0")
+    _require(v.lr_adaptive >= 0, "verify.lr_adaptive must be >= 0 (0: verify.lr)")
     _require(0 < v.lr_drop < 1, "verify.lr_drop must be in (0, 1)")
     _require(v.batch_size >= 1 and v.eval_every >= 1 and v.patience >= 1 and v.max_iters >= 1,
              "verify.batch_size, eval_every, patience and max_iters must be >= 1")

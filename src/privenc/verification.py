@@ -69,7 +69,6 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
     ensure_writable(out_dir)  # results are written at the end: fail before the work, not after
     snapshot = freeze(encoder.module)
     settings = encoder.config.verify
-    lr = attacker_lr(encoder)
     # A learned encoder's own private/desirable tasks are marked (a LEACE eraser's: the task it
     # erases and its config's desirable ones); a baseline has none.
     roles = roles or (roles_from_run(encoder.config, tasks) if encoder.kind in ("learned", "leace") else {})
@@ -81,8 +80,8 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
             for seed in settings.seeds:
                 torch.manual_seed(seed)
                 model = model_for(channels, encoded.num_classes, size)
-                result = fit_classifier(model, encoded, settings, lr, seed, torch_device, family, progress,
-                                        label=f"{encoder.name}/{task}/{family}/{seed}")
+                result = fit_classifier(model, encoded, settings, attacker_lr(encoder, family), seed, torch_device,
+                                        family, progress, label=f"{encoder.name}/{task}/{family}/{seed}")
                 records.append({**attacker_record(encoder, task, roles.get(task, "other"), encoded, settings.views,
                                                   result), **({} if member is None else {"member": member})})
                 log.info("%s %s %s seed %d: test balanced acc %.3f [%.3f, %.3f], acc %.3f (best-val model), "
