@@ -6,7 +6,7 @@ Plain verify scores an attacker every ``eval_every`` iterations in eval mode, wi
 running statistics it collected while training, and keeps the best-validation checkpoint. On the
 demo's encoders those scores swing by up to 20 points between evaluations 50 iterations apart,
 so longer patience buys more draws. This trains the adaptive attacker (the run's saved private
-classifier, fine-tuned) and scores it every 50 iterations three ways:
+classifier, fine-tuned) and scores it every 50 iterations four ways:
 
 - ``running``: as verify does;
 - ``precise``: BatchNorm statistics re-estimated on 4,096 training encodings first;

@@ -192,8 +192,8 @@ def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
     attacker learning rate (``verify.lr``, or ``verify.lr_raw`` on raw pixels: :func:`attacker_lr`;
     round 0's ``adaptive`` takes ``verify.lr_adaptive`` where set, as plain verify does)."""
     if k == 0:
-        own = {ADAPTIVE: settings.lr_adaptive} if settings.lr_adaptive > 0 else {}
-        return [Trial(0, family, own.get(family, lr), seed, settings.patience, settings.views, settings.max_iters)
+        return [Trial(0, family, settings.family_lr(family, lr), seed, settings.patience, settings.views,
+                      settings.max_iters)
                 for family in settings.attackers for seed in settings.seeds]
     extra = [s for s in range(max(settings.seeds, default=-1) + 1, max(settings.seeds, default=-1) + 1 + k)]
     seeds = [*settings.seeds, *extra]

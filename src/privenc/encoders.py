@@ -53,7 +53,7 @@ def exported_format(path: Path) -> str | None:
     return next((fmt for suffix, fmt in EXPORTED.items() if Path(path).name.endswith(suffix)), None)
 
 
-def attacker_lr(encoder: LoadedEncoder, family: str | None = None) -> float:
+def attacker_lr(encoder: LoadedEncoder, family: str = "") -> float:
     """The attackers' Adam LR: ``verify.lr_raw`` on raw images, ``verify.lr`` on encodings, and
     for the ``adaptive`` family ``verify.lr_adaptive`` where set (it only applies to encodings).
     A LEACE eraser's output is the image (or its Blur-sized downsample) minus a rank-(K-1)
@@ -61,11 +61,9 @@ def attacker_lr(encoder: LoadedEncoder, family: str | None = None) -> float:
     baseline it modifies, Identity's at full resolution and Blur's (``verify.lr``) when
     downsampled."""
     settings = encoder.config.verify
-    if family == "adaptive" and settings.lr_adaptive > 0:
-        return settings.lr_adaptive
     raw = encoder.kind == "identity" or (encoder.kind == "leace"
                                          and encoder.module.size == encoder.module.image_size)
-    return settings.lr_raw if raw else settings.lr
+    return settings.family_lr(family, settings.lr_raw if raw else settings.lr)
 
 
 def learned_encoder_path(spec: str) -> Path:

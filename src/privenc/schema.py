@@ -211,6 +211,11 @@ class VerifyConfig:
     channels_last: bool = False
     """Channels-last memory format for the convolutional attackers (see train.channels_last)."""
 
+    def family_lr(self, family: str, lr: float) -> float:
+        """The Adam LR of attacker ``family`` where the encoder's own attacker LR is ``lr``:
+        ``lr_adaptive`` for the adaptive family when set, else ``lr``."""
+        return self.lr_adaptive if family == "adaptive" and self.lr_adaptive > 0 else lr
+
 
 @dataclass
 class Config:
