@@ -281,6 +281,9 @@ def test_confirmed_score_is_cross_fitted_and_needs_halves_on_every_record():
     assert confirmed_score(records) == pytest.approx((0.6 + 0.7) / 2)
     assert confirmed_score([records[0], {"val_bacc_best": 0.8}]) is None
     assert confirmed_score([]) is None
+    # attackers tied on the choosing half count alike, whatever their order
+    tied = [{"val_bacc_crossfit": [[0.8, 0.5], [0.7, 0.6]]}, {"val_bacc_crossfit": [[0.8, 0.7], [0.6, 0.9]]}]
+    assert confirmed_score(tied) == confirmed_score(tied[::-1]) == pytest.approx(((0.5 + 0.7) / 2 + 0.6) / 2)
 
 
 def test_an_unknown_stop_rule_is_a_config_error(tiny_config, tmp_path):

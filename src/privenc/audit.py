@@ -76,6 +76,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
@@ -162,12 +163,17 @@ def converged(rise: float, margin: float) -> bool:
 def confirmed_score(records: list[dict[str, Any]]) -> float | None:
     """The validation score of the best of ``records`` without the lift of choosing it: the
     attacker, and its checkpoint, best on one half of validation, scored on the other half; both
-    ways, averaged. None when a record has no cross-fitted scores (written before they were kept)."""
+    ways, averaged. Attackers tied on the choosing half count alike (the mean of their scores on
+    the other), so the score does not depend on the order of the records. None when a record has
+    no cross-fitted scores (written before they were kept)."""
     if not records or any(len(r.get("val_bacc_crossfit") or ()) != 2 for r in records):
         return None
-    one_way = max(records, key=lambda r: r["val_bacc_crossfit"][0][0])["val_bacc_crossfit"][0][1]
-    other_way = max(records, key=lambda r: r["val_bacc_crossfit"][1][0])["val_bacc_crossfit"][1][1]
-    return (one_way + other_way) / 2
+    ways = []
+    for way in (0, 1):
+        pairs = [r["val_bacc_crossfit"][way] for r in records]
+        best = max(chosen for chosen, _ in pairs)
+        ways.append(statistics.mean(other for chosen, other in pairs if chosen == best))
+    return sum(ways) / 2
 
 
 def deciding_rise(last_round: dict[str, Any], stop_rule: str) -> float | None:
