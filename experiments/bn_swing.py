@@ -17,6 +17,9 @@ classifier, fine-tuned) and scores it every 50 iterations four ways:
 
 Printed: each evaluation, then per way the best score, the mean of the last ten evaluations
 and the mean step between evaluations, on validation and on test. It writes nothing.
+
+The diagnostic behind ``verify.calibrate``, which builds the last two ways into every attacker
+(:func:`privenc.attackers.best_decision`); kept as it ran for docs/results.md (2026-12-02).
 """
 
 from __future__ import annotations

@@ -282,7 +282,8 @@ def test_verify_can_start_attackers_from_the_saved_adversaries(finished_run, con
     result = audit(str(finished_run), config, ["g1c0"], out, max_rounds=1, attacks=["zoo"], progress=False)
     names = sorted(p.stem for p in (out / "trials" / "g1c0").glob("*.json"))
     lrs = {"paper": f"{config.verify.lr:g}", "adaptive": f"{config.verify.lr_adaptive:g}"}
-    assert names == sorted(f"r0_{family}_lr{lrs[family]}_s{seed}" for family in lrs for seed in (0, 1))
+    suffix = "_cal" if config.verify.calibrate else ""  # the demo preset calibrates
+    assert names == sorted(f"r0_{family}_lr{lrs[family]}_s{seed}{suffix}" for family in lrs for seed in (0, 1))
     assert result["verdicts"]["g1c0"]["rounds"][0]["families"] == ["paper", "adaptive"]
     plain = max((r for r in records if r["task"] == "g1c0"), key=lambda r: r["val_bacc_best"])
     assert result["verdicts"]["g1c0"]["plain_verify_test_bacc"] == pytest.approx(plain["test_bacc_best"], abs=0.02)

@@ -34,6 +34,34 @@ def test_saturation_keeps_the_best_across_the_drop():
     assert _events([0.9, 0.5, 0.5, 0.6, 0.7], patience=2) == ["continue", "continue", "drop", "continue", "stop"]
 
 
+def test_saturation_waits_for_min_iters_then_drops_on_the_plateau_it_saw():
+    saturation = Saturation(2, 0.01, min_iters=400)
+    events = [saturation.update(0.6, iteration) for iteration in range(100, 700, 100)]
+    # plateaued from 300 on, but nothing is declared before 400; then a second plateau of 2
+    assert events == ["continue", "continue", "continue", "drop", "continue", "stop"]
+    assert _events([0.6] * 3) == ["continue", "continue", "drop"]  # without it: at 300
+
+
+def test_an_attacker_given_min_iters_trains_through_its_early_plateau():
+    from dataclasses import replace
+
+    from privenc.attackers import Encoded, fit_classifier
+    from privenc.config import load_config
+    from privenc.models import build_attacker
+
+    generator = torch.Generator().manual_seed(0)
+    x = {split: torch.randn(64, 3, 4, 4, generator=generator) for split in ("train", "val", "test")}
+    y = {split: torch.randint(0, 2, (64,), generator=generator) for split in x}  # nothing to learn: plateaus
+    config = load_config("demo")
+    settings = replace(config.verify, max_iters=1000, eval_every=10, patience=2, views=1, min_iters_adaptive=300)
+    results = [fit_classifier(build_attacker("linear", config.classifier, 3, 2, 4), Encoded(x, y, 2), settings, 1e-3,
+                              0, torch.device("cpu"), "linear", min_iters=settings.family_min_iters(family))
+               for family in ("paper", "adaptive")]
+    assert results[0].iters < 300 and results[0].lr_dropped_at < 300
+    assert results[1].lr_dropped_at >= 300 and results[1].iters > results[1].lr_dropped_at
+    assert results[1].saturated
+
+
 def test_saturation_never_stops_on_a_rising_curve():
     assert set(_events([0.1 * i for i in range(10)])) == {"continue"}
 
@@ -314,10 +342,12 @@ def test_each_half_keeps_its_own_best_checkpoint_and_the_other_halfs_score_there
     generator = torch.Generator().manual_seed(0)
     x = {split: torch.randn(64, 3, 4, 4, generator=generator) for split in ("train", "val", "test")}
     y = {split: (x[split][:, 0].mean((1, 2)) > 0).long() for split in x}  # learnable, noisily
-    settings = replace(load_config("demo").verify, max_iters=40, eval_every=2, patience=50, views=1)
+    settings = replace(load_config("demo").verify, max_iters=40, eval_every=2, patience=50, views=1, calibrate=False)
     model = build_attacker("linear", load_config("demo").classifier, 3, 2, 4)
     result = fit_classifier(model, Encoded(x, y, 2), settings, 0.05, 0, torch.device("cpu"), "linear")
-    assert len(seen) == 20  # one per evaluation
+    assert len(seen) == 40  # one per evaluation and way
+    assert seen[0::2] == seen[1::2]  # argmax: the same predictions whichever half chose the rule
+    seen = seen[0::2]
     first = max(range(len(seen)), key=lambda i: (seen[i][0], -i))  # the earliest of the best, as kept
     second = max(range(len(seen)), key=lambda i: (seen[i][1], -i))
     assert result.val_bacc_crossfit == [[seen[first][0], seen[first][1]], [seen[second][1], seen[second][0]]]

@@ -37,24 +37,27 @@ log = logging.getLogger(__name__)
 class Saturation:
     """Tracks the protocol's phases from a stream of validation accuracies.
 
-    ``update(acc)`` returns one of: "continue", "drop" (first plateau: drop the LR once),
-    "stop" (second plateau). The best accuracy carries over the LR drop, so the second phase
-    must beat everything seen so far to count as an improvement.
+    ``update(acc, iteration)`` returns one of: "continue", "drop" (first plateau: drop the LR
+    once), "stop" (second plateau). The best accuracy carries over the LR drop, so the second
+    phase must beat everything seen so far to count as an improvement. Before ``min_iters``
+    iterations neither is declared: a fine-tuned attacker can sit on a plateau at its start
+    before it climbs (docs/results.md, 2026-12-02).
     """
 
-    def __init__(self, patience: int, min_delta: float) -> None:
+    def __init__(self, patience: int, min_delta: float, min_iters: int = 0) -> None:
         self.patience = patience
         self.min_delta = min_delta
+        self.min_iters = min_iters
         self.best = -math.inf
         self.since_best = 0
         self.dropped = False
 
-    def update(self, accuracy: float) -> str:
+    def update(self, accuracy: float, iteration: int = 0) -> str:
         if accuracy >= self.best + self.min_delta:
             self.best, self.since_best = accuracy, 0
         else:
             self.since_best += 1
-        if self.since_best < self.patience:
+        if self.since_best < self.patience or iteration < self.min_iters:
             return "continue"
         if not self.dropped:
             self.dropped, self.since_best = True, 0
@@ -149,21 +152,97 @@ class AttackerResult:
     # same checkpoint's on half 2], [best on half 2, that checkpoint's on half 1]]; the audit's
     # confirmed rise (privenc.audit.confirmed_score).
     val_bacc_crossfit: list[list[float]] = field(default_factory=list)
+    # The best checkpoint's decision rule (:class:`Decision`; argmax unless ``verify.calibrate``),
+    # its threshold on the logit margin, and with ``verify.calibrate`` the same checkpoint's
+    # test balanced accuracy by plain argmax with the running statistics.
+    decision: str = "argmax"
+    threshold: float | None = None
+    test_bacc_uncalibrated: float | None = None
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-             batch_size: int = 512) -> tuple[torch.Tensor, float]:
-    """(predicted classes, mean cross-entropy in nats) of ``model`` on ``x``."""
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """``model``'s logits on ``x`` in eval mode (float32, on the CPU); the model is left in training mode."""
     model.eval()
-    predictions, total_ce = [], 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size].to(device)).float()
-        target = y[i:i + batch_size].to(device)
-        predictions.append(logits.argmax(1).cpu())
-        total_ce += float(F.cross_entropy(logits, target, reduction="sum"))
+    logits = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
     model.train()
-    return torch.cat(predictions), total_ce / len(x)
+    return logits
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapted(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are those of the inputs ``x`` (AdaBN, Li et
+    al. 2016): the plain average over batches of ``batch_size``, every other module in eval mode
+    (dropout off). An attacker holding a set of encodings, without their labels, can do this."""
+    copied = copy.deepcopy(model).eval()
+    for norm in _batch_norms(copied):
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+        norm.train()
+    for i in range(0, len(x), batch_size):
+        copied(x[i:i + batch_size].to(device))
+    return copied.eval()
+
+
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, 1] - logits[:, 0]
+
+
+def tune_threshold(margin: torch.Tensor, labels: torch.Tensor) -> float:
+    """The threshold on a binary attacker's logit margin (class 1 minus class 0) with the best
+    balanced accuracy on these images, among 0 (argmax, kept on ties) and the margin's
+    1st-99th percentiles."""
+    candidates = [0.0, *torch.quantile(margin, torch.linspace(0.01, 0.99, 99)).tolist()]
+    return max(candidates, key=lambda t: balanced_accuracy((margin > t).long(), labels))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How an attacker's outputs become a class: BatchNorm statistics (the running ones kept in
+    training, or each scored split's own: :func:`adapted`) and, on binary tasks, a threshold on
+    the logit margin (None = argmax)."""
+
+    own_statistics: bool = False
+    threshold: float | None = None
+
+    @property
+    def rule(self) -> str:
+        """argmax | threshold | adabn (own statistics; with a threshold on binary tasks)."""
+        return "adabn" if self.own_statistics else "argmax" if self.threshold is None else "threshold"
+
+    def predict(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = logits["own" if self.own_statistics else "running"]
+        return out.argmax(1) if self.threshold is None else (_margin(out) > self.threshold).long()
+
+
+def split_logits(model: nn.Module, x: torch.Tensor, device: torch.device, calibrate: bool) -> dict[str, torch.Tensor]:
+    """Logits on one split: ``running`` (BatchNorm running statistics); with ``calibrate`` and a
+    model that has BatchNorm also ``own`` (normalized by this split's statistics)."""
+    logits = {"running": _logits(model, x, device)}
+    if calibrate and _batch_norms(model):
+        logits["own"] = _logits(adapted(model, x, device), x, device)
+    return logits
+
+
+def best_decision(logits: dict[str, torch.Tensor], labels: torch.Tensor, calibrate: bool,
+                  on: torch.Tensor | None = None) -> tuple[Decision, float]:
+    """The decision best on the images ``on`` (a mask; all when None) and its balanced accuracy
+    there. Without ``calibrate``: argmax on the running statistics. With it, also a threshold
+    tuned on those images (binary tasks) and the split's own statistics (models with
+    BatchNorm); ties keep the earlier, plainer rule."""
+    on = torch.ones(len(labels), dtype=torch.bool) if on is None else on
+    decisions = []
+    for statistics, out in logits.items():
+        own = statistics == "own"
+        decisions.append(Decision(own))
+        if calibrate and out.shape[1] == 2:
+            decisions.append(Decision(own, tune_threshold(_margin(out)[on], labels[on])))
+    scored = [(d, balanced_accuracy(d.predict(logits)[on], labels[on])) for d in decisions]
+    return max(scored, key=lambda pair: pair[1])
 
 
 @dataclass
@@ -176,11 +255,19 @@ class Scores:
     predictions: torch.Tensor
 
 
-def score_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Scores:
-    """``model`` on one split's encodings ``x`` with labels ``y`` (scored in eval mode, then back in
-    training mode)."""
-    predictions, ce = _predict(model, x, y, device)
+def _scores(logits: dict[str, torch.Tensor], decision: Decision, y: torch.Tensor) -> Scores:
+    predictions = decision.predict(logits)
+    out = logits["own" if decision.own_statistics else "running"]
+    valid = y >= 0
+    ce = float(F.cross_entropy(out[valid], y[valid])) if bool(valid.any()) else float("nan")
     return Scores(float((predictions == y).float().mean()), balanced_accuracy(predictions, y), ce, predictions)
+
+
+def score_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                decision: Decision = Decision()) -> Scores:
+    """``model`` on one split's encodings ``x`` with labels ``y`` under ``decision`` (default:
+    argmax with the running statistics; scored in eval mode, then back in training mode)."""
+    return _scores(split_logits(model, x, device, decision.own_statistics), decision, y)
 
 
 def balanced_accuracy_chance(labels: torch.Tensor) -> float:
@@ -240,9 +327,32 @@ def bootstrap_balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
     return [lo, hi]
 
 
+def _crossfit(logits: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
+              calibrate: bool) -> list[tuple[float, float]]:
+    """[(score on the selection half, score on the confirmation half), and the other way round]
+    of the decision best on the first half of each pair (:func:`confirmation_split`'s ``mask``),
+    a threshold tuned on that half only."""
+    pairs = []
+    for way, on in enumerate((~mask, mask)):
+        decision, _ = best_decision(logits, labels, calibrate, on)
+        halves = half_scores(decision.predict(logits), labels, mask)
+        pairs.append((halves[way], halves[1 - way]))
+    return pairs
+
+
+def _final_scores(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], device: torch.device,
+                  calibrate: bool) -> tuple[Scores, Scores, Decision]:
+    """A checkpoint's validation and test scores under the decision best on validation: a
+    threshold tuned on validation, each split normalized by its own statistics where chosen."""
+    val_logits = split_logits(model, x["val"], device, calibrate)
+    decision, _ = best_decision(val_logits, y["val"], calibrate)
+    test_logits = split_logits(model, x["test"], device, decision.own_statistics)
+    return _scores(val_logits, decision, y["val"]), _scores(test_logits, decision, y["test"]), decision
+
+
 def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: float, seed: int,
                    device: torch.device, family: str = "paper", progress: bool = False,
-                   label: str = "") -> AttackerResult:
+                   label: str = "", min_iters: int = 0) -> AttackerResult:
     """Train one classifier under the protocol. Shared by verification of learned encoders, the
     Identity and Blur baselines, every attacker family of the zoo and the audit's extra attacks.
 
@@ -251,7 +361,12 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     the adaptive attacker (:mod:`privenc.attacks`). Only the optimizer is new.
 
     With ``settings.channels_last``, convolutional attackers (:class:`Classifier`) and their data
-    take the channels-last memory format; the numbers do not depend on it beyond float rounding."""
+    take the channels-last memory format; the numbers do not depend on it beyond float rounding.
+
+    With ``settings.calibrate`` each evaluation scores the checkpoint under every decision rule of
+    :func:`best_decision` and reads the best on validation; saturation, the kept checkpoint and
+    the cross-fitted scores go by it, and test is scored under the rule chosen on validation.
+    ``min_iters``: no saturation before that many iterations (:class:`Saturation`)."""
     model = model.to(device).train()
     x_all = data.x
     if isinstance(model, Classifier) and settings.channels_last:
@@ -262,7 +377,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = x_all["train"], data.y["train"]
     batch = min(settings.batch_size, len(x_train))
-    saturation = Saturation(settings.patience, settings.min_delta)
+    saturation = Saturation(settings.patience, settings.min_delta, min_iters)
     # best_val: validation balanced accuracy, by which saturation and the kept checkpoint go
     best_state, best_val, dropped_at = copy.deepcopy(model.state_dict()), -1.0, None
     # Each half's best evaluation and the other half's score there: a checkpoint chosen on one
@@ -287,17 +402,17 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         if not torch.isfinite(loss):  # checked when evaluating (no GPU sync per step); NaN weights stay NaN
             raise VerificationError(f"{label or family}: non-finite attacker loss by iteration {iteration} "
                                     f"(lr {optimizer.param_groups[0]['lr']:g}); its accuracies would be meaningless")
-        val = score_split(model, x_all["val"], data.y["val"], device)
+        val_logits = split_logits(model, x_all["val"], device, settings.calibrate)
+        decision, _ = best_decision(val_logits, data.y["val"], settings.calibrate)
+        val = _scores(val_logits, decision, data.y["val"])
         current_lr = optimizer.param_groups[0]["lr"]
         curve.append([iteration, val.acc, current_lr, val.bacc])
         if val.bacc > best_val:
             best_val, best_state = val.bacc, copy.deepcopy(model.state_dict())
-        first, second = half_scores(val.predictions, data.y["val"], halves_mask)
-        if first > crossfit[0][0]:
-            crossfit[0] = [first, second]
-        if second > crossfit[1][0]:
-            crossfit[1] = [second, first]
-        event = saturation.update(val.bacc)
+        for way, (here, there) in enumerate(_crossfit(val_logits, data.y["val"], halves_mask, settings.calibrate)):
+            if here > crossfit[way][0]:
+                crossfit[way] = [here, there]
+        event = saturation.update(val.bacc, iteration)
         bar.set_postfix(val=f"{val.bacc:.3f}", best=f"{best_val:.3f}")
         if event == "drop":
             dropped_at = iteration
@@ -307,17 +422,17 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final = score_split(model, x_all["val"], data.y["val"], device)
-    test_final = score_split(model, x_all["test"], data.y["test"], device)
+    val_final, test_final, _ = _final_scores(model, x_all, data.y, device, settings.calibrate)
     model.load_state_dict(best_state)
-    val_best = score_split(model, x_all["val"], data.y["val"], device)
-    test_best = score_split(model, x_all["test"], data.y["test"], device)
+    val_best, test_best, decision = _final_scores(model, x_all, data.y, device, settings.calibrate)
     interval = bootstrap_balanced_accuracy(test_best.predictions, data.y["test"])
+    uncalibrated = score_split(model, x_all["test"], data.y["test"], device).bacc if settings.calibrate else None
     return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, val_best.acc, test_best.acc,
                           test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),
                           val_bacc_best=val_best.bacc, test_bacc_best=test_best.bacc, test_bacc_ci95=interval,
                           val_bacc_final=val_final.bacc, test_bacc_final=test_final.bacc,
-                          val_bacc_crossfit=crossfit)
+                          val_bacc_crossfit=crossfit, decision=decision.rule, threshold=decision.threshold,
+                          test_bacc_uncalibrated=uncalibrated)
 
 
 # --------------------------------------------------------------------------- information estimate

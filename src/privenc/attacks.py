@@ -83,7 +83,8 @@ class AttackContext:
     def protocol(self) -> dict[str, Any]:
         """What the records depend on besides the encoder and config (checked on a rerun)."""
         return {"patience": self.settings.patience, "views": self.settings.views,
-                "max_iters": self.settings.max_iters, "lrs": list(self.lrs), "seed": self.seed}
+                "max_iters": self.settings.max_iters, "lrs": list(self.lrs), "seed": self.seed,
+                "calibrate": self.settings.calibrate, "min_iters_adaptive": self.settings.min_iters_adaptive}
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ def _adaptive_run(ctx: AttackContext) -> list[dict[str, Any]]:
             start = {split: score_split(model, encoded.x[split], encoded.y[split], ctx.device).bacc
                      for split in ("val", "test")}
             result = fit_classifier(model, encoded, ctx.settings, lr, ctx.seed, ctx.device, "paper",
-                                    label=f"{encoder.name}/{ctx.task}/adaptive/{member}/lr{lr:g}")
+                                    label=f"{encoder.name}/{ctx.task}/adaptive/{member}/lr{lr:g}",
+                                    min_iters=ctx.settings.family_min_iters("adaptive"))
             records.append(record(ctx, encoded, views, result, member=member, checkpoint_step=adversary.step,
                                   start_val_bacc=start["val"], start_test_bacc=start["test"],
                                   detail=f"from private classifier {member + 1} of {members} of the checkpoint of "

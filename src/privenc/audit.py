@@ -8,7 +8,9 @@ real photos that was measured far too optimistic (issue 16: 55.3% by a preset-li
 - round k >= 1 trains the whole zoo (``paper``, ``wide``, ``mlp``, ``linear``) with 2^k times
   the patience and the iteration cap, 2^k times the augmented views (at most 8, or the
   settings' own if more), k more seeds, and the learning rates {own, 1e-3, 1e-4}, from round 2
-  also the paper's 1e-5 (Sec. 4.1 trains attackers on encodings at 1e-5);
+  also the paper's 1e-5 (Sec. 4.1 trains attackers on encodings at 1e-5), every attacker scored
+  also with calibrated decision rules (``verify.calibrate``: a threshold tuned on validation,
+  each split normalized by its own BatchNorm statistics; the best on validation is kept);
 
 until one more round raises the best *validation* balanced accuracy over all rounds so far by
 less than a margin (``stop_rule="validation"``, the default). A hard budget (rounds, minutes)
@@ -146,11 +148,14 @@ class Trial:
     max_iters: int
     member: int = 0
     """For ``adaptive``: which saved adversary of the task it starts from (an ensemble has K)."""
+    calibrate: bool = False
+    """Scored also with calibrated decision rules (``verify.calibrate``; every round from 1)."""
 
     @property
     def name(self) -> str:
         member = f"_m{self.member}" if self.member else ""
-        return f"r{self.round}_{self.family}{member}_lr{self.lr:g}_s{self.seed}"
+        calibrated = "_cal" if self.calibrate else ""
+        return f"r{self.round}_{self.family}{member}_lr{self.lr:g}_s{self.seed}{calibrated}"
 
 
 def converged(rise: float, margin: float) -> bool:
@@ -189,7 +194,8 @@ def attack_protocol(settings: VerifyConfig, lr: float, k: int) -> tuple[VerifyCo
     1's, so that an extra attack is never narrower than the zoo's first widening), one seed."""
     trials = round_trials(settings, lr, max(1, k))
     first = trials[0]
-    widened = dataclasses.replace(settings, patience=first.patience, views=first.views, max_iters=first.max_iters)
+    widened = dataclasses.replace(settings, patience=first.patience, views=first.views, max_iters=first.max_iters,
+                                  calibrate=first.calibrate)
     return widened, tuple(dict.fromkeys(t.lr for t in trials)), settings.seeds[0]
 
 
@@ -199,13 +205,13 @@ def round_trials(settings: VerifyConfig, lr: float, k: int) -> list[Trial]:
     round 0's ``adaptive`` takes ``verify.lr_adaptive`` where set, as plain verify does)."""
     if k == 0:
         return [Trial(0, family, settings.family_lr(family, lr), seed, settings.patience, settings.views,
-                      settings.max_iters)
+                      settings.max_iters, calibrate=settings.calibrate)
                 for family in settings.attackers for seed in settings.seeds]
     extra = [s for s in range(max(settings.seeds, default=-1) + 1, max(settings.seeds, default=-1) + 1 + k)]
     seeds = [*settings.seeds, *extra]
     lrs = list(dict.fromkeys([lr, *LR_LADDER[:min(k, 2) + 1]]))
     views = min(settings.views * 2 ** k, max(settings.views, MAX_VIEWS))
-    return [Trial(k, family, rate, seed, settings.patience * 2 ** k, views, settings.max_iters * 2 ** k)
+    return [Trial(k, family, rate, seed, settings.patience * 2 ** k, views, settings.max_iters * 2 ** k, calibrate=True)
             for family in ATTACKERS for rate in lrs for seed in seeds]
 
 
@@ -258,7 +264,7 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
     torch_device = resolve_device(device)
     encoder, snapshot, encoded = _encoded(spec, config_dict, task, trial.views, torch_device)
     settings = dataclasses.replace(encoder.config.verify, patience=trial.patience, views=trial.views,
-                                   max_iters=trial.max_iters)
+                                   max_iters=trial.max_iters, calibrate=trial.calibrate)
     channels, size = encoded.x["train"].shape[1], encoded.x["train"].shape[-1]
     torch.manual_seed(trial.seed)
     if trial.family == ADAPTIVE:
@@ -267,11 +273,13 @@ def _run_trial(spec: str, config_dict: dict[str, Any], task: str, role: str, tri
     else:
         model = build_attacker(trial.family, encoder.config.classifier, channels, encoded.num_classes, size)
     result = fit_classifier(model, encoded, settings, trial.lr, trial.seed, torch_device, trial.family,
-                            label=f"{encoder.name}/{task}/{trial.name}")
+                            label=f"{encoder.name}/{task}/{trial.name}",
+                            min_iters=settings.family_min_iters(trial.family))
     assert_unchanged(encoder.module, snapshot, encoder.name)
     record = {**attacker_record(encoder, task, role, encoded, trial.views, result), "attack": ZOO,
               "round": trial.round, "trial": trial.name, "patience": trial.patience, "views": trial.views,
-              "max_iters": trial.max_iters, **({"member": trial.member} if trial.family == ADAPTIVE else {})}
+              "max_iters": trial.max_iters, "calibrate": trial.calibrate,
+              **({"member": trial.member} if trial.family == ADAPTIVE else {})}
     atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
     return path
 

@@ -198,6 +198,10 @@ class VerifyConfig:
     """Adam LR for attackers on raw images (Identity; paper: 1e-4)."""
     lr_adaptive: float = 0.0
     """Adam LR for the adaptive attacker, which fine-tunes an already trained classifier; 0 = ``lr``."""
+    min_iters_adaptive: int = 0
+    """No LR drop and no stop of the adaptive attacker before this many iterations, whatever the
+    patience: fine-tuned from an adversary the encoder has defeated, it can sit on a plateau at its
+    start before it climbs."""
     lr_drop: float = 0.1
     batch_size: int = 64
     eval_every: int = 100
@@ -210,11 +214,21 @@ class VerifyConfig:
     """Augmented views of each training image, encoded once and cached."""
     channels_last: bool = False
     """Channels-last memory format for the convolutional attackers (see train.channels_last)."""
+    calibrate: bool = False
+    """Score every attacker checkpoint also with calibrated decision rules and keep, on
+    validation, the best: a threshold on the logit margin tuned on validation (binary tasks), and
+    each split normalized by its own BatchNorm statistics (AdaBN: an attacker holding a set of
+    encodings can). Off = argmax with the running statistics, the paper's way."""
 
     def family_lr(self, family: str, lr: float) -> float:
         """The Adam LR of attacker ``family`` where the encoder's own attacker LR is ``lr``:
         ``lr_adaptive`` for the adaptive family when set, else ``lr``."""
         return self.lr_adaptive if family == "adaptive" and self.lr_adaptive > 0 else lr
+
+    def family_min_iters(self, family: str) -> int:
+        """Iterations before attacker ``family`` may saturate: ``min_iters_adaptive`` for the
+        adaptive family, else 0."""
+        return self.min_iters_adaptive if family == "adaptive" else 0
 
 
 @dataclass
@@ -320,6 +334,8 @@ def validate(config: Config) -> None:
     _require(v.batch_size >= 1 and v.eval_every >= 1 and v.patience >= 1 and v.max_iters >= 1,
              "verify.batch_size, eval_every, patience and max_iters must be >= 1")
     _require(v.min_delta >= 0, "verify.min_delta must be >= 0")
+    _require(v.min_iters_adaptive >= 0,
+             f"verify.min_iters_adaptive must be >= 0 (0: saturation may come at any time), got {v.min_iters_adaptive}")
     _require(v.views >= 1, "verify.views must be >= 1")
 
 

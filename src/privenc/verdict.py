@@ -11,7 +11,8 @@ from typing import Any
 from privenc.verification import selection_score
 
 WORST_CASE_KEYS = ("attack", "attacker", "seed", "lr", "round", "patience", "views", "iters", "saturated",
-                   "val_bacc_best", "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits", "detail")
+                   "val_bacc_best", "test_bacc_best", "test_bacc_ci95", "test_acc_best", "info_bits", "detail",
+                   "decision", "test_bacc_uncalibrated")
 """What the verdict quotes of the chosen attacker (``round`` is None and ``detail`` says what
 else identifies it for an extra attack)."""
 
@@ -134,7 +135,11 @@ def audit_markdown(result: dict[str, Any]) -> str:
                   + (f" of round {w['round']}" if w["round"] is not None else "")
                   + (f", {w['detail']}" if w["detail"] else "")
                   + f" (patience {w['patience']}, views {w['views']}, {w['iters']} iterations"
-                  f"{'' if w['saturated'] else ', not saturated'}); validation balanced accuracy "
+                  f"{'' if w['saturated'] else ', not saturated'}"
+                  + (f"; decision rule {w['decision']}, {100 * w['test_bacc_uncalibrated']:.1f}% on test by argmax"
+                     if w.get("decision") not in (None, "argmax") and w.get("test_bacc_uncalibrated") is not None
+                     else "")
+                  + "); validation balanced accuracy "
                   f"{100 * w['val_bacc_best']:.1f}%.", "",
                   "| attack | attackers | best val bal. acc | its test bal. acc [95% CI] |", "|---|---|---|---|"]
         for a in v["attacks"]:

@@ -81,7 +81,8 @@ def verify(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path | 
                 torch.manual_seed(seed)
                 model = model_for(channels, encoded.num_classes, size)
                 result = fit_classifier(model, encoded, settings, attacker_lr(encoder, family), seed, torch_device,
-                                        family, progress, label=f"{encoder.name}/{task}/{family}/{seed}")
+                                        family, progress, label=f"{encoder.name}/{task}/{family}/{seed}",
+                                        min_iters=settings.family_min_iters(family))
                 records.append({**attacker_record(encoder, task, roles.get(task, "other"), encoded, settings.views,
                                                   result), **({} if member is None else {"member": member})})
                 log.info("%s %s %s seed %d: test balanced acc %.3f [%.3f, %.3f], acc %.3f (best-val model), "
