@@ -263,11 +263,10 @@ def _scores(logits: dict[str, torch.Tensor], decision: Decision, y: torch.Tensor
     return Scores(float((predictions == y).float().mean()), balanced_accuracy(predictions, y), ce, predictions)
 
 
-def score_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                decision: Decision = Decision()) -> Scores:
-    """``model`` on one split's encodings ``x`` with labels ``y`` under ``decision`` (default:
-    argmax with the running statistics; scored in eval mode, then back in training mode)."""
-    return _scores(split_logits(model, x, device, decision.own_statistics), decision, y)
+def score_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Scores:
+    """``model`` on one split's encodings ``x`` with labels ``y``: argmax with the running
+    statistics (scored in eval mode, then back in training mode)."""
+    return _scores(split_logits(model, x, device, calibrate=False), Decision(), y)
 
 
 def balanced_accuracy_chance(labels: torch.Tensor) -> float:
@@ -341,13 +340,16 @@ def _crossfit(logits: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch
 
 
 def _final_scores(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], device: torch.device,
-                  calibrate: bool) -> tuple[Scores, Scores, Decision]:
-    """A checkpoint's validation and test scores under the decision best on validation: a
-    threshold tuned on validation, each split normalized by its own statistics where chosen."""
+                  calibrate: bool) -> tuple[Scores, Scores, Decision, float | None]:
+    """A checkpoint's validation and test scores under the decision best on validation (a
+    threshold tuned on validation, each split normalized by its own statistics where chosen),
+    that decision, and with ``calibrate`` its test balanced accuracy by plain argmax with the
+    running statistics (read from the same test logits)."""
     val_logits = split_logits(model, x["val"], device, calibrate)
     decision, _ = best_decision(val_logits, y["val"], calibrate)
     test_logits = split_logits(model, x["test"], device, decision.own_statistics)
-    return _scores(val_logits, decision, y["val"]), _scores(test_logits, decision, y["test"]), decision
+    uncalibrated = balanced_accuracy(Decision().predict(test_logits), y["test"]) if calibrate else None
+    return _scores(val_logits, decision, y["val"]), _scores(test_logits, decision, y["test"]), decision, uncalibrated
 
 
 def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: float, seed: int,
@@ -422,11 +424,10 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final, test_final, _ = _final_scores(model, x_all, data.y, device, settings.calibrate)
+    val_final, test_final, _, _ = _final_scores(model, x_all, data.y, device, settings.calibrate)
     model.load_state_dict(best_state)
-    val_best, test_best, decision = _final_scores(model, x_all, data.y, device, settings.calibrate)
+    val_best, test_best, decision, uncalibrated = _final_scores(model, x_all, data.y, device, settings.calibrate)
     interval = bootstrap_balanced_accuracy(test_best.predictions, data.y["test"])
-    uncalibrated = score_split(model, x_all["test"], data.y["test"], device).bacc if settings.calibrate else None
     return AttackerResult(family, seed, lr, iteration, saturated, dropped_at, val_best.acc, test_best.acc,
                           test_best.ce, val_final.acc, test_final.acc, curve, round(time.time() - started, 2),
                           val_bacc_best=val_best.bacc, test_bacc_best=test_best.bacc, test_bacc_ci95=interval,
