@@ -7,7 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from privenc.attackers import Decision, Encoded, adapted, best_decision, fit_classifier, tune_threshold
+from privenc.attackers import (
+    Decision,
+    Encoded,
+    _final_scores,
+    adapted,
+    best_decision,
+    fit_classifier,
+    fit_scaling,
+    information_bits,
+    tune_threshold,
+)
 from privenc.config import load_config
 from privenc.models import build_attacker
 
@@ -93,3 +103,33 @@ def test_the_audit_calibrates_every_widened_round_and_its_extra_attacks():
     assert all(t.calibrate and t.name.endswith("_cal") for t in round_trials(settings, 1e-3, 1))
     assert attack_protocol(settings, 1e-3, 0)[0].calibrate
     assert all(t.calibrate for t in round_trials(replace(settings, calibrate=True), 1e-3, 0))
+
+
+def test_scaling_fitted_on_labelled_logits_recovers_their_temperature_and_bias():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (20000,), generator=generator)
+    evidence = (2 * labels - 1).float() + torch.randn(20000, generator=generator)  # log-odds 2 * evidence
+    logits = torch.stack([torch.zeros(20000), 8 * evidence + 3], 1)                # 4x overconfident, shifted
+    temperature, bias = fit_scaling(logits, labels)
+    assert temperature == pytest.approx(4.0, rel=0.05)
+    assert float(bias[1] - bias[0]) == pytest.approx(-0.75, abs=0.05)
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_the_information_estimate_of_an_overconfident_attacker_is_read_through_scaling_fitted_on_validation(calibrate):
+    # A fixed linear attacker that is right ~76% of the time, 10 times too confident: its plain
+    # cross-entropy exceeds H(U), a negative bound; scaled on validation it bounds from above 0.
+    generator = torch.Generator().manual_seed(0)
+    x = {split: torch.randn(2000, 1, 1, 1, generator=generator) for split in ("train", "val", "test")}
+    y = {split: (v.flatten() + torch.randn(2000, generator=generator) > 0).long() for split, v in x.items()}
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-10.0], [10.0]]))
+        model[1].bias.zero_()
+    _, test, _, _ = _final_scores(model, x, y, torch.device("cpu"), calibrate)
+    bits = information_bits(y["test"], 2, test.ce)
+    assert test.bacc == pytest.approx(0.75, abs=0.03)
+    if calibrate:
+        assert 0.1 < bits < 0.5, bits  # about 0.2-0.3 bits for a Gaussian channel of this strength
+    else:
+        assert bits < -1.0, bits

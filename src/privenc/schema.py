@@ -218,7 +218,8 @@ class VerifyConfig:
     """Score every attacker checkpoint also with calibrated decision rules and keep, on
     validation, the best: a threshold on the logit margin tuned on validation (binary tasks), and
     each split normalized by its own BatchNorm statistics (AdaBN: an attacker holding a set of
-    encodings can). Off = argmax with the running statistics, the paper's way."""
+    encodings can). The information estimate then uses the chosen logits after a temperature and
+    bias fitted on validation. Off = argmax with the running statistics, the paper's way."""
 
     def family_lr(self, family: str, lr: float) -> float:
         """The Adam LR of attacker ``family`` where the encoder's own attacker LR is ``lr``:

@@ -169,7 +169,10 @@ def audit_markdown(result: dict[str, Any]) -> str:
     lines += ["Balanced accuracy is the mean per-class recall; its chance level is 1/K for K classes, and "
               "\"points vs chance\" is the worst case minus 1/K. The interval is a bootstrap over the test images "
               "(1000 resamples, each class within itself); \"at chance\" means it reaches 1/K. bits: H(task) "
-              "minus the attacker's test cross-entropy, a lower bound on the information the encoding leaks.", ""]
+              "minus the attacker's test cross-entropy (calibrated attackers: of their logits after a temperature "
+              "and bias fitted on validation), a lower bound on the information the encoding leaks; below 0 it "
+              "bounds nothing.",
+              ""]
     if result["fail_above_points"] is not None:
         gate = ", ".join(result["failed"]) or "none"
         lines += [f"Gate --fail-above {result['fail_above_points']:g} points: failed tasks: {gate}.", ""]

@@ -184,7 +184,8 @@ def summarize(records: list[dict[str, Any]]) -> str:
                      f"| {val_bacc} | {test_bacc} | {r['val_acc_best']:.3f} | {r['test_acc_best']:.3f} "
                      f"| {r['test_acc_final']:.3f} "
                      f"| {r['info_bits']:.3f} | {r['iters']}{'' if r['saturated'] else ' (not saturated)'} |")
-    lines += ["", "bits: H(task) - the attacker's test cross-entropy, a lower bound on the information the "
+    lines += ["", "bits: H(task) - the attacker's test cross-entropy (with verify.calibrate, of its logits after a "
+              "temperature and bias fitted on validation), a lower bound on the information the "
               "encoding leaks about the task; below 0 when that cross-entropy exceeds the label entropy (an "
               "attacker worse than guessing the class frequencies), which bounds nothing beyond 0.",
               "bal. acc: balanced accuracy, the mean per-class recall (chance 1/K for K classes); its 95% "
