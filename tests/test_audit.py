@@ -106,6 +106,36 @@ def test_every_attack_that_applies_runs_by_default(finished):
     assert f"![g1c0: every attack and the rounds]({figure})" in text
 
 
+def test_in_a_pool_round_one_queues_behind_round_zero_with_the_same_trials(finished, tmp_path, monkeypatch):
+    """Round 0 cannot converge, so round 1's attackers are queued before round 0 is collected
+    (a worker round 0 leaves idle starts on them); the trials are those of the sequential search."""
+    config, out, _ = finished
+    events = []
+    submit, collect = audit_module._submit_round, audit_module._run_round
+
+    def spy_submit(*args, **kwargs):
+        events.append(("submit", args[4][0].round))
+        return submit(*args, **kwargs)
+
+    def spy_collect(*args, **kwargs):
+        events.append(("collect", args[4][0].round))
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "_submit_round", spy_submit)
+    monkeypatch.setattr(audit_module, "_run_round", spy_collect)
+    result = audit("blur", config, ["g1c0"], tmp_path / "pool", margin=99.0, max_rounds=2, jobs=2, progress=False,
+                   attacks=["zoo"])
+    assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("collect", 1)]
+    names = sorted(p.name for p in (tmp_path / "pool" / "trials" / "g1c0").glob("*.json"))
+    assert names == sorted(p.name for p in (out / "trials" / "g1c0").glob("*.json"))
+    assert len(result["round_seconds"]["g1c0"]) == 2
+    # with a time budget round 1 waits for the check before it, as it always did
+    events.clear()
+    audit("blur", config, ["g1c0"], tmp_path / "timed", margin=99.0, max_rounds=2, max_minutes=60, jobs=2,
+          progress=False, attacks=["zoo"])
+    assert events == [("collect", 0), ("submit", 0), ("collect", 1), ("submit", 1)]
+
+
 def test_the_worst_case_is_the_trial_with_the_best_validation_score(finished):
     _, out, result = finished
     trials = [json.loads(p.read_text()) for p in sorted((out / "trials" / "g1c0").glob("*.json"))]

@@ -35,6 +35,25 @@ def test_a_tuned_threshold_finds_a_shifted_boundary_and_keeps_argmax_on_ties():
     assert plain == Decision() and plain_score == pytest.approx(0.5)
 
 
+def test_the_threshold_search_chooses_as_scoring_each_candidate_one_by_one_would():
+    from privenc.adversarial import balanced_accuracy
+
+    def one_by_one(margin: torch.Tensor, labels: torch.Tensor) -> float:  # the definition
+        candidates = [0.0, *torch.quantile(margin, torch.linspace(0.01, 0.99, 99)).tolist()]
+        return max(candidates, key=lambda t: balanced_accuracy((margin > t).long(), labels))
+
+    generator = torch.Generator().manual_seed(0)
+    for case in range(60):
+        n = int(torch.randint(20, 400, (1,), generator=generator))
+        labels = (torch.rand(n, generator=generator) < [0.5, 0.2, 0.9][case % 3]).long()
+        labels[torch.rand(n, generator=generator) < 0.05] = -1  # unlabelled images are ignored
+        margin = torch.randn(n, generator=generator) + labels.clamp(min=0) * 0.7
+        if case % 2:  # coarse margins: many thresholds tie, and the first of them must win
+            margin = (margin * 2).round() / 2
+        assert tune_threshold(margin, labels) == one_by_one(margin, labels)
+    assert tune_threshold(torch.randn(10), torch.full((10,), -1)) == 0.0  # nothing labelled: argmax
+
+
 def test_adabn_normalizes_by_the_scored_inputs_and_leaves_the_model_alone():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.5), nn.Flatten())
     x = torch.randn(300, 3, 2, 2) * 3 + 5

@@ -196,8 +196,16 @@ def tune_threshold(margin: torch.Tensor, labels: torch.Tensor) -> float:
     """The threshold on a binary attacker's logit margin (class 1 minus class 0) with the best
     balanced accuracy on these images, among 0 (argmax, kept on ties) and the margin's
     1st-99th percentiles."""
-    candidates = [0.0, *torch.quantile(margin, torch.linspace(0.01, 0.99, 99)).tolist()]
-    return max(candidates, key=lambda t: balanced_accuracy((margin > t).long(), labels))
+    candidates = torch.cat([torch.zeros(1), torch.quantile(margin, torch.linspace(0.01, 0.99, 99))])
+    predicted = (margin[None, :] > candidates[:, None]).long()         # (candidates, images)
+    # Every candidate at once, with balanced_accuracy's arithmetic (a float32 recall per class,
+    # summed in float64 in class order), so that the choice, ties included, is the one that
+    # scoring the candidates one by one makes.
+    total, classes = torch.zeros(len(candidates), dtype=torch.float64), 0
+    for c in labels.unique():
+        if c >= 0:
+            total, classes = total + (predicted[:, labels == c] == c).float().mean(1).double(), classes + 1
+    return float(candidates[int(torch.argmax(total / classes))]) if classes else 0.0
 
 
 @dataclass(frozen=True)
@@ -214,8 +222,13 @@ class Decision:
         """argmax | threshold | adabn (own statistics; with a threshold on binary tasks)."""
         return "adabn" if self.own_statistics else "argmax" if self.threshold is None else "threshold"
 
+    @property
+    def statistics(self) -> str:
+        """The key of :func:`split_logits`' output this decision reads: ``own`` or ``running``."""
+        return "own" if self.own_statistics else "running"
+
     def predict(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = logits["own" if self.own_statistics else "running"]
+        out = logits[self.statistics]
         return out.argmax(1) if self.threshold is None else (_margin(out) > self.threshold).long()
 
 
@@ -262,7 +275,7 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def _scores(logits: dict[str, torch.Tensor], decision: Decision, y: torch.Tensor) -> Scores:
     predictions = decision.predict(logits)
-    ce = _cross_entropy(logits["own" if decision.own_statistics else "running"], y)
+    ce = _cross_entropy(logits[decision.statistics], y)
     return Scores(float((predictions == y).float().mean()), balanced_accuracy(predictions, y), ce, predictions)
 
 
@@ -365,7 +378,7 @@ def fit_scaling(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) ->
 
 
 def _final_scores(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], device: torch.device,
-                  calibrate: bool) -> tuple[Scores, Scores, Decision, float | None]:
+                  calibrate: bool, scale: bool = True) -> tuple[Scores, Scores, Decision, float | None]:
     """A checkpoint's validation and test scores under the decision best on validation (a
     threshold tuned on validation, each split normalized by its own statistics where chosen),
     that decision, and with ``calibrate`` its test balanced accuracy by plain argmax with the
@@ -375,16 +388,16 @@ def _final_scores(model: nn.Module, x: dict[str, torch.Tensor], y: dict[str, tor
     statistics' logits scaled by :func:`fit_scaling` on validation: H(U) - CE bounds the
     information from below for any predictor fixed without the test labels, and the plain
     logits of an AdaBN- or threshold-chosen checkpoint can be so overconfident that the bound
-    goes negative while the attacker reads the attribute."""
+    goes negative while the attacker reads the attribute. ``scale=False`` skips that fit where the
+    cross-entropy is not read (the final checkpoint's)."""
     val_logits = split_logits(model, x["val"], device, calibrate)
     decision, _ = best_decision(val_logits, y["val"], calibrate)
     test_logits = split_logits(model, x["test"], device, decision.own_statistics)
     uncalibrated = balanced_accuracy(Decision().predict(test_logits), y["test"]) if calibrate else None
     test = _scores(test_logits, decision, y["test"])
-    if calibrate:
-        statistics = "own" if decision.own_statistics else "running"
-        temperature, bias = fit_scaling(val_logits[statistics], y["val"])
-        test.ce = _cross_entropy(test_logits[statistics] / temperature + bias, y["test"])
+    if calibrate and scale:
+        temperature, bias = fit_scaling(val_logits[decision.statistics], y["val"])
+        test.ce = _cross_entropy(test_logits[decision.statistics] / temperature + bias, y["test"])
     return _scores(val_logits, decision, y["val"]), test, decision, uncalibrated
 
 
@@ -411,7 +424,8 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
         model = model.to(memory_format=torch.channels_last)
         # Converted once; indexing a batch out of a channels-last tensor keeps the format.
         x_all = {split: x.contiguous(memory_format=torch.channels_last) for split, x in data.x.items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # The fused kernel: the same update in one pass over the parameters, not one per tensor.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = x_all["train"], data.y["train"]
     batch = min(settings.batch_size, len(x_train))
@@ -460,7 +474,7 @@ def fit_classifier(model: nn.Module, data: Encoded, settings: VerifyConfig, lr: 
             saturated = True
             break
     bar.close()
-    val_final, test_final, _, _ = _final_scores(model, x_all, data.y, device, settings.calibrate)
+    val_final, test_final, _, _ = _final_scores(model, x_all, data.y, device, settings.calibrate, scale=False)
     model.load_state_dict(best_state)
     val_best, test_best, decision, uncalibrated = _final_scores(model, x_all, data.y, device, settings.calibrate)
     interval = bootstrap_balanced_accuracy(test_best.predictions, data.y["test"])

@@ -47,7 +47,9 @@ hide an attacker that finds the minority class.
 Resumable like the grid: each finished trial (attacker x learning rate x seed of one round) is
 written atomically to ``OUT/trials/<task>/<trial>.json`` and a rerun reads it back instead of
 training it again; so a rerun with a larger budget continues where the last one stopped.
-Trials of a round run in parallel processes (``jobs``).
+Trials of a round run in parallel processes (``jobs``); round 1's are queued behind round 0's
+from the start (round 0 cannot converge: there is nothing to rise from), so that a worker round
+0 leaves idle starts on them, unless ``max_minutes`` must be checked before round 1.
 
 After the zoo search of a task, the extra attacks of :mod:`privenc.attacks` run (``attacks``
 chooses which; default all): the adaptive attacker, fine-tuned from the adversarial classifier
@@ -386,14 +388,23 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
             records: list[dict[str, Any]] = []
             rounds: list[dict[str, Any]] = []
             stopped_by = "max_rounds" if ZOO in chosen else "zoo_left_out"
+            submitted: dict[int, list[Future[str]]] = {}
             for k in range(max_rounds if ZOO in chosen else 1):
                 if k > 0 and max_minutes is not None and time.time() - started > 60 * max_minutes:
                     stopped_by = "max_minutes"
                     break
                 trials = _with_adversaries(round_trials(settings, lr, k), encoder, task)
+                if k == 0 and pool is not None and max_rounds > 1 and ZOO in chosen and max_minutes is None:
+                    # Round 0 cannot converge (nothing to rise from), so round 1 runs whatever it
+                    # finds: queued behind it, round 1 fills the workers round 0 leaves idle.
+                    # Its wall time then counts from round 0's end.
+                    for j in (0, 1):
+                        submitted[j] = _submit_round(encoder_spec, config_dict, task, role,
+                                                     _with_adversaries(round_trials(settings, lr, j), encoder, task),
+                                                     out_dir, pool, device, threads)
                 round_started = time.time()
                 found = _run_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device, threads,
-                                   progress)
+                                   progress, submitted.get(k))
                 records += found
                 # milliseconds: round 0 is one attacker, which a fast machine trains in well under 0.1 s on tiny data
                 round_seconds.setdefault(task, []).append(round(time.time() - round_started, 3))
@@ -458,29 +469,49 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
     return result
 
 
-def _run_round(spec: str, config_dict: dict[str, Any], task: str, role: str, trials: list[Trial], out_dir: Path,
-               pool: ProcessPoolExecutor | None, device: str, threads: int, progress: bool) -> list[dict[str, Any]]:
-    """Every trial of one round, reading finished ones back; their records in trial order."""
+def _trial_paths(out_dir: Path, task: str, trials: list[Trial]) -> dict[Trial, Path]:
     folder = out_dir / "trials" / task.replace("/", "-")
-    paths = {trial: folder / f"{trial.name}.json" for trial in trials}
-    todo = [trial for trial in trials if _read_trial(paths[trial]) is None]
-    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=f"audit {task} round {trials[0].round}",
-               unit="attacker", disable=not progress)
+    return {trial: folder / f"{trial.name}.json" for trial in trials}
+
+
+def _submit_round(spec: str, config_dict: dict[str, Any], task: str, role: str, trials: list[Trial], out_dir: Path,
+                  pool: ProcessPoolExecutor, device: str, threads: int) -> list[Future[str]]:
+    """Queue the trials of one round that are not finished on disk in ``pool``; their futures."""
+    paths = _trial_paths(out_dir, task, trials)
+    return [pool.submit(_run_trial, spec, config_dict, task, role, trial, str(paths[trial]), device, threads)
+            for trial in trials if _read_trial(paths[trial]) is None]
+
+
+def _run_round(spec: str, config_dict: dict[str, Any], task: str, role: str, trials: list[Trial], out_dir: Path,
+               pool: ProcessPoolExecutor | None, device: str, threads: int, progress: bool,
+               submitted: list[Future[str]] | None = None) -> list[dict[str, Any]]:
+    """Every trial of one round, reading finished ones back; their records in trial order.
+    ``submitted``: the round's futures where :func:`_submit_round` queued it already."""
+    paths = _trial_paths(out_dir, task, trials)
+
+    def bar(left: int) -> tqdm:
+        return tqdm(total=len(trials), initial=len(trials) - left, desc=f"audit {task} round {trials[0].round}",
+                    unit="attacker", disable=not progress)
+
     if pool is None:
+        todo = [trial for trial in trials if _read_trial(paths[trial]) is None]
+        progress_bar = bar(len(todo))
         for trial in todo:
             _run_trial(spec, config_dict, task, role, trial, str(paths[trial]), device)
-            bar.update(1)
+            progress_bar.update(1)
     else:
-        futures = [pool.submit(_run_trial, spec, config_dict, task, role, trial, str(paths[trial]), device, threads)
-                   for trial in todo]
+        futures = submitted if submitted is not None else _submit_round(spec, config_dict, task, role, trials,
+                                                                        out_dir, pool, device, threads)
+        progress_bar = bar(len(futures))
         for future in as_completed(futures):
             future.result()
-            bar.update(1)
-    bar.close()
+            progress_bar.update(1)
+    progress_bar.close()
     records = [_read_trial(paths[trial]) for trial in trials]
     missing = [trial.name for trial, record in zip(trials, records) if record is None]
     if missing:  # written by _run_trial just now: only a file system failing under us gets here
-        raise OSError(f"audit: trial results missing after the round: {', '.join(missing)} in {folder}")
+        raise OSError(f"audit: trial results missing after the round: {', '.join(missing)} in "
+                      f"{paths[trials[0]].parent}")
     return records  # type: ignore[return-value]
 
 
