@@ -283,10 +283,10 @@ def test_the_tiny_sweep_writes_its_table_json_and_figure(swept):
         # (tiny attackers may take under 0.05 s each, so the sums are compared, not tested for > 0)
         assert seed["train_s"] == pytest.approx(json.loads(
             (out / seed["run"] / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"], abs=0.05)
-        # verify_s is rounded to 0.1 s: up to 0.05 off, and a float sum of 0.15 sits on the edge
+        # verify_s is rounded to 0.1 s: at most 0.05 off, plus float noise (a sum of 0.15 sits on the edge)
         assert seed["verify_s"] == pytest.approx(
             sum(r["seconds"] for path in (out / "grid" / "cells").glob("*/verify.json")
-                for r in json.loads(path.read_text()) if r["encoder"] == run), abs=0.051)
+                for r in json.loads(path.read_text()) if r["encoder"] == run), abs=0.05 + 1e-9)
     assert result["references"][0]["y"] == 0.0  # Identity against itself
     means = [(c["x"]["mean"], c["y"]["mean"]) for c in result["configurations"]]
     assert [c["on_front"] for c in result["configurations"]] == pareto_front(means)

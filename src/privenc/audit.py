@@ -398,10 +398,11 @@ def audit(encoder_spec: str, config: Config, tasks: list[str], out_dir: Path, ma
                     # Round 0 cannot converge (nothing to rise from), so round 1 runs whatever it
                     # finds: queued behind it, round 1 fills the workers round 0 leaves idle.
                     # Its wall time then counts from round 0's end.
-                    for j in (0, 1):
-                        submitted[j] = _submit_round(encoder_spec, config_dict, task, role,
-                                                     _with_adversaries(round_trials(settings, lr, j), encoder, task),
-                                                     out_dir, pool, device, threads)
+                    submitted[0] = _submit_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device,
+                                                 threads)
+                    submitted[1] = _submit_round(encoder_spec, config_dict, task, role,
+                                                 _with_adversaries(round_trials(settings, lr, 1), encoder, task),
+                                                 out_dir, pool, device, threads)
                 round_started = time.time()
                 found = _run_round(encoder_spec, config_dict, task, role, trials, out_dir, pool, device, threads,
                                    progress, submitted.get(k))
