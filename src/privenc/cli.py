@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a config changed by --set (the differences are listed; "
-                        "the device and verify.* settings may change without it)")
+                        "the device, train.compile and verify.* settings may change without it)")
     p.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps; "
                                     "shorthand for --set train.device=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
